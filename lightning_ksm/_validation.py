@@ -1,0 +1,60 @@
+"""Input checks shared by the engine. Each error names the argument the user must fix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_subset_matrix(S, *, name: str = "S", n_tasks: int | None = None, min_rows: int = 1) -> np.ndarray:
+    """Return ``S`` as a float64 (m, K) 0/1 matrix, or raise a ValueError naming the problem."""
+    arr = np.asarray(S)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D (n_subsets, n_tasks) 0/1 array, got an array of shape {arr.shape}"
+        )
+    if arr.dtype == bool:
+        arr = arr.astype(np.float64)
+    else:
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{name} must hold 0/1 numbers or booleans, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+        bad = ~np.isin(arr, (0.0, 1.0))
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"{name} must be binary (0/1 task indicators); {name}[{i}, {j}] = {arr[i, j]!r}"
+            )
+    if arr.shape[1] < 2:
+        raise ValueError(f"{name} has {arr.shape[1]} task column(s); task attribution needs at least 2 tasks")
+    if n_tasks is not None and arr.shape[1] != n_tasks:
+        raise ValueError(f"{name} has {arr.shape[1]} task columns but the model was fitted on {n_tasks} tasks")
+    if arr.shape[0] < min_rows:
+        raise ValueError(f"{name} has {arr.shape[0]} subsets (rows); at least {min_rows} are needed")
+    return arr
+
+
+def check_targets(y, n_rows: int, *, name: str = "y") -> np.ndarray:
+    """Return ``y`` as float64 of shape (m,) or (m, T), finite, with ``n_rows`` rows."""
+    arr = np.asarray(y, dtype=np.float64)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape (n_subsets,) or (n_subsets, n_targets), got {arr.shape}")
+    if arr.shape[0] != n_rows:
+        raise ValueError(f"{name} has {arr.shape[0]} rows but S has {n_rows} subsets; they must match")
+    if arr.ndim == 2 and arr.shape[1] == 0:
+        raise ValueError(f"{name} has no target columns")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"{name} contains a non-finite value (NaN or inf) at index {idx}")
+    return arr
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    """A finite number > 0 (or >= 0)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
