@@ -16,7 +16,6 @@ from itertools import combinations
 from math import comb
 
 import numpy as np
-from sklearn.utils.validation import check_is_fitted
 
 from .subsets import sample_subsets
 
@@ -36,10 +35,13 @@ _CHUNK = 16384
 
 # -- helpers ----------------------------------------------------------------------------------
 def _n_tasks(surrogate) -> int:
-    check_is_fitted(surrogate)
+    # Any object with predict() and n_features_in_ works; sklearn sets the latter in fit().
     K = getattr(surrogate, "n_features_in_", None)
-    if K is None:
-        raise ValueError("the surrogate has no n_features_in_; fit it on an (m, K) subset matrix first")
+    if K is None or not hasattr(surrogate, "predict"):
+        raise ValueError(
+            f"{type(surrogate).__name__} is not a fitted surrogate (no n_features_in_/predict); "
+            "fit it on an (m, K) subset matrix first"
+        )
     return int(K)
 
 
