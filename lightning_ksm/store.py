@@ -1,0 +1,538 @@
+"""On-disk feature store for harvested per-sample features: shards per split, one manifest.
+
+Layout of a store directory::
+
+    manifest.json                 format version, projector config, output mode, task names,
+                                  parameter names/shapes, jacobian dtype, shards of every split
+    <split>/<key>.outputs.npy     one shard = five .npy files (index only when given)
+    <split>/<key>.jacobians.npy
+    <split>/<key>.labels.npy
+    <split>/<key>.task_ids.npy    indices into the shard's own ``task_values`` list (see below)
+    <split>/<key>.index.npy       optional per-sample global index (for de-duplication)
+
+Writes are atomic: every file is written to a temporary name and moved into place with
+``os.replace``; the manifest is updated last, under an exclusive file lock, so a shard exists only
+once its manifest entry does. Leftover temporary or orphan files are ignored. Several processes
+(DDP ranks) may write shards to one store concurrently, as long as their shard keys differ
+(use keys such as ``(rank, batch_index)``).
+
+Task ids are stored per shard as indices into that shard's ``task_values`` (the raw ids seen), so
+ranks need not agree on a task order while harvesting; :meth:`FeatureStore.load` maps them to the
+store's ``task_names`` (given up front, or the sorted union of all raw ids, see
+:func:`canonical_task_names`).
+
+``load`` de-duplicates samples by their global index (keeping the first occurrence in shard-key
+order: DistributedSampler pads ranks with repeated samples) and orders rows by that index, so the
+result does not depend on the number of ranks. Jacobians come back memory-mapped: directly from the
+shard when there is a single shard in order, otherwise from a merged file written once into the
+split's directory (``_merged-<digest>.jacobians.npy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .features import OUTPUT_MODES, HarvestedFeatures
+
+try:  # POSIX advisory locks; without them, only one writer process is safe.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+FORMAT_NAME = "lightning-ksm-features"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ARRAYS = ("outputs", "jacobians", "labels", "task_ids")
+_SAFE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+_DTYPES = ("float32", "float16")
+
+
+def canonical_task_names(values: Iterable[Any]) -> list:
+    """Sorted unique task ids: ints in numeric order, then strings in lexicographic order."""
+    uniq = {normalize_task_id(v) for v in values}
+    return sorted(uniq, key=lambda v: (isinstance(v, str), v))
+
+
+def normalize_task_id(value: Any) -> int | str:
+    """A task id as a plain ``int`` or ``str`` (numpy/torch scalars converted); others are rejected."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (str, np.str_)):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError(f"task ids must be ints or strings, got {value!r} ({type(value).__name__})")
+
+
+def shard_key(key: Any) -> str:
+    """The string form of a shard key: ``(0, 12)`` -> ``"0-12"``; strings are kept as they are."""
+    if isinstance(key, (tuple, list)):
+        text = "-".join(str(int(k)) if isinstance(k, (int, np.integer)) else str(k) for k in key)
+    elif isinstance(key, (int, np.integer)):
+        text = str(int(key))
+    elif isinstance(key, str):
+        text = key
+    else:
+        raise TypeError(f"shard key must be a string, an int or a tuple of them, got {key!r}")
+    if not text or not _SAFE.match(text) or text.startswith("_") or text.startswith("."):
+        raise ValueError(
+            f"shard key {key!r} must use only letters, digits and _.=+- (and not start with _ or .)"
+        )
+    return text
+
+
+def _check_split(split: str) -> str:
+    if not isinstance(split, str) or not _SAFE.match(split) or split.startswith((".", "_")):
+        raise ValueError(f"split name {split!r} must use only letters, digits and _.=+-")
+    return split
+
+
+def _natural_key(text: str):
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+
+
+def _atomic_write_bytes(path: str, writer) -> None:
+    """Write via ``writer(file)`` into a temporary sibling, fsync, then ``os.replace`` onto ``path``."""
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    _atomic_write_bytes(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+class FeatureStore:
+    """An on-disk store of harvested features (see the module docstring for the layout).
+
+    ``dtype`` is the on-disk dtype of the Jacobians (``"float32"`` or ``"float16"``); ``None`` means
+    the existing store's dtype, or float32 for a new store. Outputs, labels are float32 (labels
+    int64 in ``logits`` mode).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, dtype: str | None = None) -> None:
+        if dtype is not None and str(np.dtype(dtype)) not in _DTYPES:
+            raise ValueError(f"FeatureStore dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.directory = os.fspath(directory)
+        self._dtype = None if dtype is None else str(np.dtype(dtype))
+        if self.exists():
+            existing = self.manifest()["dtype"]
+            if self._dtype is not None and self._dtype != existing:
+                raise ValueError(
+                    f"feature store {self.directory} holds {existing} jacobians; it was opened with "
+                    f"dtype={self._dtype!r} (drop the dtype argument or use a new directory)"
+                )
+
+    # -- manifest --------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.directory, MANIFEST)
+
+    def exists(self) -> bool:
+        """Whether a manifest has been written (the store is initialized)."""
+        return os.path.exists(self.manifest_path)
+
+    def manifest(self) -> dict:
+        """The manifest as a dict, freshly read and validated."""
+        try:
+            with open(self.manifest_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no feature store at {self.directory} (missing {MANIFEST}); harvest into it first"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"corrupted manifest {self.manifest_path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ValueError(f"{self.manifest_path} is not a lightning-ksm feature store manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.manifest_path} has format_version {data.get('format_version')!r}; "
+                f"this version reads {FORMAT_VERSION}"
+            )
+        for field in ("projector", "k", "mode", "params", "dtype", "splits"):
+            if field not in data:
+                raise ValueError(f"corrupted manifest {self.manifest_path}: missing field {field!r}")
+        return data
+
+    @property
+    def dtype(self) -> str:
+        """On-disk dtype of the Jacobians."""
+        return self.manifest()["dtype"] if self.exists() else (self._dtype or "float32")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, ".manifest.lock"), "a+") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _write_manifest(self, data: dict) -> None:
+        text = json.dumps(data, indent=1, sort_keys=False).encode("utf-8")
+        _atomic_write_bytes(self.manifest_path, lambda f: f.write(text))
+
+    def initialize(
+        self,
+        *,
+        projector_config: dict,
+        mode: str,
+        params: Sequence[tuple[str, Sequence[int]]] | dict,
+        task_names: Sequence | None = None,
+        meta: dict | None = None,
+    ) -> dict:
+        """Create the manifest, or check that an existing one describes the same harvest.
+
+        A mismatch (a different projector, k, mode, parameter list or task names) raises a
+        ``ValueError`` naming the field, so that incompatible features are never mixed.
+        """
+        if mode not in OUTPUT_MODES:
+            raise ValueError(f"mode must be one of {OUTPUT_MODES}, got {mode!r}")
+        items = params.items() if isinstance(params, dict) else params
+        param_list = [[str(n), [int(s) for s in shape]] for n, shape in items]
+        names = None if task_names is None else [normalize_task_id(t) for t in task_names]
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"task_names contains duplicates: {names}")
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "projector": json.loads(json.dumps(projector_config)),
+            "k": int(projector_config["k"]),
+            "mode": mode,
+            "task_names": names,
+            "params": param_list,
+            "d": int(sum(int(np.prod(s)) for _, s in param_list)),
+            "dtype": self._dtype or "float32",
+        }
+        with self._locked():
+            if not self.exists():
+                data = dict(header, output_shape=None, meta=dict(meta or {}), splits={})
+                self._write_manifest(data)
+                return data
+            data = self.manifest()
+            for field in ("k", "mode", "params", "projector", "dtype"):
+                if field == "dtype" and self._dtype is None:
+                    continue
+                if data[field] != header[field]:
+                    raise ValueError(
+                        f"feature store {self.directory} was written with a different {field}: "
+                        f"stored {_short(data[field])}, this harvest {_short(header[field])}; "
+                        "use a new directory or the same settings"
+                    )
+            if names is not None and data.get("task_names") not in (None, names):
+                raise ValueError(
+                    f"feature store {self.directory} was written with task_names "
+                    f"{data['task_names']}, this harvest uses {names}"
+                )
+            if names is not None and data.get("task_names") is None:
+                seen = {v for s in _all_shards(data) for v in s["task_values"]}
+                unknown = [v for v in seen if v not in names]
+                if unknown:
+                    raise ValueError(f"stored shards contain task ids {unknown} not in task_names")
+                data["task_names"] = names
+                self._write_manifest(data)
+            return data
+
+    # -- shards ----------------------------------------------------------------------------
+    def splits(self) -> list[str]:
+        """Names of the splits with at least one shard."""
+        return [s for s, v in self.manifest()["splits"].items() if v["shards"]]
+
+    def shard_keys(self, split: str) -> list[str]:
+        """Keys of the shards stored for ``split``, in natural (numeric-aware) order."""
+        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
+        return sorted((s["key"] for s in shards), key=_natural_key)
+
+    def has_shard(self, split: str, key: Any) -> bool:
+        """Whether the shard ``key`` of ``split`` is complete (a resumed harvest can skip it)."""
+        if not self.exists():
+            return False
+        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
+        k = shard_key(key)
+        return any(s["key"] == k for s in shards)
+
+    def n_rows(self, split: str) -> int:
+        """Rows stored for ``split`` before de-duplication."""
+        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
+        return sum(s["rows"] for s in shards)
+
+    def write_shard(
+        self,
+        split: str,
+        key: Any,
+        *,
+        outputs: np.ndarray,
+        jacobians: np.ndarray,
+        labels: np.ndarray,
+        task_ids: np.ndarray,
+        task_values: Sequence | None = None,
+        sample_index: np.ndarray | None = None,
+        overwrite: bool = False,
+    ) -> dict:
+        """Write one shard atomically and register it in the manifest; returns its record.
+
+        ``task_ids`` are indices into ``task_values`` (the raw task ids of this shard); with
+        ``task_values=None`` they are indices into the store's ``task_names``.
+        ``sample_index`` is an optional per-sample global index used by ``load`` to de-duplicate.
+        """
+        split = _check_split(split)
+        key = shard_key(key)
+        data = self.manifest()
+        outputs = np.asarray(outputs)
+        jacobians = np.asarray(jacobians)
+        labels = np.asarray(labels)
+        task_ids = np.asarray(task_ids)
+        n = len(task_ids)
+        for name, arr in (("outputs", outputs), ("jacobians", jacobians), ("labels", labels)):
+            if len(arr) != n:
+                raise ValueError(f"shard {key!r}: {name} has {len(arr)} rows, task_ids has {n}")
+        if jacobians.shape[-1] != data["k"]:
+            raise ValueError(
+                f"shard {key!r}: jacobians have k={jacobians.shape[-1]} but the store has k={data['k']}"
+            )
+        if task_values is None:
+            if data["task_names"] is None:
+                raise ValueError("write_shard needs task_values when the store has no task_names")
+            task_values = data["task_names"]
+        task_values = [normalize_task_id(v) for v in task_values]
+        if n and (task_ids.min() < 0 or task_ids.max() >= len(task_values)):
+            raise ValueError(f"shard {key!r}: task_ids must index task_values (0..{len(task_values) - 1})")
+        if data["task_names"] is not None:
+            unknown = [v for v in task_values if v not in data["task_names"]]
+            if unknown:
+                raise ValueError(
+                    f"unknown task id(s) {unknown} in shard {key!r}; the store's task_names are "
+                    f"{data['task_names']}"
+                )
+        output_shape = [int(x) for x in outputs.shape[1:]]
+        if list(jacobians.shape[1:]) != output_shape + [data["k"]]:
+            raise ValueError(
+                f"shard {key!r}: jacobians of shape {jacobians.shape} do not match outputs of "
+                f"shape {outputs.shape} (expected (n, *output_shape, k))"
+            )
+        if sample_index is not None:
+            sample_index = np.asarray(sample_index).astype(np.int64)
+            if sample_index.shape != (n,):
+                raise ValueError(f"shard {key!r}: sample_index must have shape ({n},), got {sample_index.shape}")
+        label_dtype = np.int64 if data["mode"] == "logits" else np.float32
+        split_dir = os.path.join(self.directory, split)
+        os.makedirs(split_dir, exist_ok=True)
+        prefix = os.path.join(split_dir, key)
+        with np.errstate(over="ignore"):  # float16 overflow is reported below
+            jac_disk = jacobians.astype(data["dtype"])
+        arrays = {
+            "outputs": outputs.astype(np.float32),
+            "jacobians": jac_disk,
+            "labels": labels.astype(label_dtype),
+            "task_ids": task_ids.astype(np.int64),
+        }
+        if sample_index is not None:
+            arrays["index"] = sample_index
+        if arrays["jacobians"].dtype == np.float16 and not np.isfinite(arrays["jacobians"]).all():
+            if np.isfinite(jacobians).all():
+                raise ValueError(
+                    f"shard {key!r}: jacobians overflow float16 (|value| > 65504); use a float32 store"
+                )
+        if self.has_shard(split, key) and not overwrite:
+            raise ValueError(f"shard {key!r} of split {split!r} already exists (pass overwrite=True)")
+        # Data files first (names are unique per key, so ranks never collide), the manifest last.
+        for name, arr in arrays.items():
+            _save_npy(f"{prefix}.{name}.npy", arr)
+        record = {
+            "key": key,
+            "rows": n,
+            "task_values": task_values,
+            "has_index": sample_index is not None,
+        }
+        with self._locked():
+            # Re-read under the lock: other ranks may have added shards meanwhile.
+            data = self.manifest()
+            shards = data["splits"].setdefault(split, {"shards": []})["shards"]
+            if any(s["key"] == key for s in shards) and not overwrite:
+                raise ValueError(f"shard {key!r} of split {split!r} was written concurrently by another process")
+            if data.get("output_shape") is None:
+                data["output_shape"] = output_shape
+            elif data["output_shape"] != output_shape:
+                raise ValueError(
+                    f"shard {key!r}: outputs have per-sample shape {output_shape}, the store has "
+                    f"{data['output_shape']} (mixing output modes or models?)"
+                )
+            shards[:] = [s for s in shards if s["key"] != key] + [record]
+            self._write_manifest(data)  # last: the shard now exists
+        return record
+
+    # -- loading ---------------------------------------------------------------------------
+    def task_names(self) -> list:
+        """The store's task names: fixed at initialization, or the sorted union of stored task ids."""
+        data = self.manifest()
+        if data["task_names"] is not None:
+            return list(data["task_names"])
+        return canonical_task_names(v for s in _all_shards(data) for v in s["task_values"])
+
+    def _open(self, split: str, shard: dict, name: str) -> np.ndarray:
+        path = os.path.join(self.directory, split, f"{shard['key']}.{name}.npy")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise ValueError(
+                f"corrupted feature store: shard {shard['key']!r} of split {split!r} is in the "
+                f"manifest but {path} is missing"
+            ) from None
+        if len(arr) != shard["rows"]:
+            raise ValueError(
+                f"corrupted feature store: {path} has {len(arr)} rows, the manifest says {shard['rows']}"
+            )
+        return arr
+
+    def load(self, split: str = "source", *, dedup: bool = True, dtype: str | None = None) -> HarvestedFeatures:
+        """All shards of ``split`` as one :class:`HarvestedFeatures` with memory-mapped Jacobians.
+
+        With per-sample indices, duplicates are dropped (first occurrence in shard-key order wins)
+        and rows are ordered by index; without, rows follow shard-key order. ``dtype="float32"``
+        returns in-memory float32 Jacobians (e.g. from a float16 store).
+        """
+        split = _check_split(split)
+        data = self.manifest()
+        if split not in data["splits"] or not data["splits"][split]["shards"]:
+            raise ValueError(
+                f"feature store {self.directory} has no shards for split {split!r}; "
+                f"stored splits: {self.splits()}"
+            )
+        shards = sorted(data["splits"][split]["shards"], key=lambda s: _natural_key(s["key"]))
+        names = self.task_names()
+        position = {v: i for i, v in enumerate(names)}
+        small = {n: [] for n in ("outputs", "labels", "task_ids")}
+        indices = []
+        for shard in shards:
+            small["outputs"].append(np.asarray(self._open(split, shard, "outputs")))
+            small["labels"].append(np.asarray(self._open(split, shard, "labels")))
+            local = np.asarray(self._open(split, shard, "task_ids"))
+            table = np.array([position[v] for v in shard["task_values"]], dtype=np.int64)
+            small["task_ids"].append(table[local] if len(local) else local.astype(np.int64))
+            if shard["has_index"]:
+                indices.append(np.asarray(self._open(split, shard, "index")))
+        with_index = len(indices)
+        if with_index not in (0, len(shards)):
+            raise ValueError(
+                f"split {split!r} mixes shards with and without sample indices; "
+                "pass sample indices for every batch or for none"
+            )
+        cat = {n: np.concatenate(v) for n, v in small.items()}
+        total = len(cat["task_ids"])
+        if with_index:
+            index = np.concatenate(indices)
+            keep = dedup_positions(index) if dedup else np.argsort(index, kind="stable")
+        else:
+            keep = np.arange(total)
+        jac = self._jacobians(split, shards, keep, total)
+        if dtype is not None:
+            jac = np.asarray(jac, dtype=dtype)
+        return HarvestedFeatures(
+            outputs=cat["outputs"][keep],
+            jacobians=jac,
+            labels=cat["labels"][keep],
+            task_ids=cat["task_ids"][keep],
+            task_names=names,
+            mode=data["mode"],
+        )
+
+    def load_index(self, split: str = "source", *, dedup: bool = True) -> np.ndarray | None:
+        """The global sample index of each row ``load(split)`` returns (None if none was stored)."""
+        data = self.manifest()
+        shards = sorted(data["splits"].get(split, {"shards": []})["shards"], key=lambda s: _natural_key(s["key"]))
+        if not shards or not all(s["has_index"] for s in shards):
+            return None
+        index = np.concatenate([np.asarray(self._open(split, s, "index")) for s in shards])
+        keep = dedup_positions(index) if dedup else np.argsort(index, kind="stable")
+        return index[keep]
+
+    def _jacobians(self, split: str, shards: list, keep: np.ndarray, total: int) -> np.ndarray:
+        if len(shards) == 1 and np.array_equal(keep, np.arange(total)):
+            return self._open(split, shards[0], "jacobians")
+        digest = hashlib.sha1(
+            json.dumps([[s["key"], s["rows"]] for s in shards]).encode() + keep.tobytes()
+        ).hexdigest()[:16]
+        split_dir = os.path.join(self.directory, split)
+        path = os.path.join(split_dir, f"_merged-{digest}.jacobians.npy")
+        if os.path.exists(path):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        first = self._open(split, shards[0], "jacobians")
+        # Where each stored row goes in the output (-1: dropped duplicate).
+        dest = np.full(total, -1, dtype=np.int64)
+        dest[keep] = np.arange(len(keep))
+        tmp = os.path.join(split_dir, f"._merged-{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(keep),) + first.shape[1:])
+            start = 0
+            for shard in shards:
+                arr = self._open(split, shard, "jacobians")
+                d = dest[start: start + len(arr)]
+                rows = np.nonzero(d >= 0)[0]
+                if len(rows):
+                    out[d[rows]] = arr[rows]
+                start += len(arr)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except OSError:
+            # Read-only store: fall back to an in-memory copy.
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            return np.concatenate([np.asarray(self._open(split, s, "jacobians")) for s in shards])[keep]
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+    def cleanup(self) -> list[str]:
+        """Remove merged-Jacobian caches and leftover temporary files; returns the removed paths.
+
+        Call it when no other process is reading or writing the store.
+        """
+        removed = []
+        for root, _, files in os.walk(self.directory):
+            for name in files:
+                if name.startswith("_merged-") or ".tmp-" in name:
+                    path = os.path.join(root, name)
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                        removed.append(path)
+        return removed
+
+
+def dedup_positions(index: np.ndarray) -> np.ndarray:
+    """Positions of the first occurrence of each distinct value of ``index``, ordered by value."""
+    _, first = np.unique(np.asarray(index), return_index=True)
+    return first
+
+
+def _all_shards(data: dict) -> list:
+    return [s for v in data["splits"].values() for s in v["shards"]]
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
