@@ -84,13 +84,21 @@ class AnalysisConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self, n_tasks: int) -> None:
-        """Check every setting against the number of source tasks, before any work starts."""
-        if n_tasks < 2:
+    def validate(self, n_tasks: int | None) -> None:
+        """Check every setting (against the number of source tasks when known) before any work starts."""
+        if n_tasks is not None and n_tasks < 2:
             raise ValueError(f"task attribution needs at least 2 source tasks, the harvest has {n_tasks}")
+        if self.weighting not in ("task", "sample"):
+            raise ValueError(f"weighting must be 'task' or 'sample', got {self.weighting!r}")
+        if self.kernel not in ("rbf", "poly", "polynomial", "linear"):
+            raise ValueError(f"kernel must be 'rbf', 'poly' or 'linear', got {self.kernel!r}")
+        if self.loss not in (None, "cross_entropy", "logistic", "squared"):
+            raise ValueError(f"loss must be None, 'cross_entropy', 'logistic' or 'squared', got {self.loss!r}")
+        if n_tasks is None:
+            n_tasks = 10**9  # only the checks that do not need K
         if not isinstance(self.n_subsets, int) or self.n_subsets < 10:
             raise ValueError(f"n_subsets must be an integer >= 10, got {self.n_subsets!r}")
-        if self.subset_size is not None and not 1 <= self.subset_size <= n_tasks:
+        if self.subset_size is not None and (not isinstance(self.subset_size, int) or not 1 <= self.subset_size <= n_tasks):
             raise ValueError(f"subset_size must be between 1 and the number of tasks ({n_tasks}), got {self.subset_size}")
         if self.subset_size is None and not 0 < self.subset_p < 1:
             raise ValueError(f"subset_p must be in (0, 1), got {self.subset_p}")

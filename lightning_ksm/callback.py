@@ -137,6 +137,9 @@ class TaskAttributionMixin:
             n_subsets=n_subsets, subset_p=subset_p, subset_size=subset_size, seed=seed, lam=lam,
             kernel=kernel, gamma=gamma, alpha=alpha, n_groups=n_groups, best_subset_size=best_subset_size,
         )
+        self.analysis.validate(None)  # settings that do not depend on the data fail here, not after training
+        if int(proj_dim) < 1:
+            raise ValueError(f"proj_dim must be a positive integer, got {proj_dim!r}")
         self.dirpath = dirpath
         self.chunk_size, self.harvest_batch_size = int(chunk_size), harvest_batch_size
         if jacobian_dtype not in ("float32", "float16"):
@@ -150,7 +153,6 @@ class TaskAttributionMixin:
         self.w0_path: Optional[str] = None
         self.harvest_complete = False
         self.report = None
-        self.report_dir: Optional[str] = None
         self.analysis_error: Optional[BaseException] = None
         self.timings: dict = {}
         self._w0: Optional[dict] = None
@@ -189,18 +191,23 @@ class TaskAttributionMixin:
         return os.path.join(trainer.default_root_dir, "ksm")
 
     @property
-    def harvest_dir(self) -> str:
-        return os.path.join(self.output_dir, "harvest")
+    def harvest_dir(self) -> Optional[str]:
+        """Where the harvest (a :class:`FeatureStore`) is written."""
+        return None if self.output_dir is None else os.path.join(self.output_dir, "harvest")
+
+    @property
+    def report_dir(self) -> Optional[str]:
+        """Where the :class:`AttributionReport` is written."""
+        return None if self.output_dir is None else os.path.join(self.output_dir, "report")
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self._enabled(trainer):
             return
-        if self.output_dir is None:  # a resumed run keeps the directory of its checkpoint
+        # Resolved here; a resumed run replaces it with its checkpoint's directory afterwards
+        # (load_state_dict runs after setup), so nothing is created on disk yet.
+        if self.output_dir is None:
             self.output_dir = trainer.strategy.broadcast(self._resolve_dir(trainer))
-        self.report_dir = os.path.join(self.output_dir, "report")
-        if trainer.is_global_zero:
-            os.makedirs(self.output_dir, exist_ok=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not self._enabled(trainer):
@@ -261,6 +268,7 @@ class TaskAttributionMixin:
         self._w0 = state
         self.w0_path = os.path.join(self.output_dir, "w0.pt")
         if trainer.is_global_zero:
+            os.makedirs(self.output_dir, exist_ok=True)
             _atomic_torch_save(state, self.w0_path)
         trainer.strategy.barrier("ksm_snapshot")
 
