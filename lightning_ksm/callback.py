@@ -475,26 +475,30 @@ class TaskAttributionMixin:
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-            _log_rich(logger, report)
+            _log_rich(logger, report, self.report_dir, step)
             logger.save()
 
 
-def _log_rich(logger, report) -> None:
-    """A figure or table where the logger supports one (TensorBoard figure, W&B table); optional."""
-    experiment = getattr(logger, "experiment", None)
+def _log_rich(logger, report, report_dir: str, step: int) -> None:
+    """A figure or table where the logger supports one (TensorBoard image + text, W&B table).
+
+    The imports are optional and a failure here only warns: logging must never fail the run.
+    """
     name = type(logger).__name__
     try:
-        if name == "TensorBoardLogger" and hasattr(experiment, "add_figure"):
-            fig = report.score_figure() if hasattr(report, "score_figure") else None
-            if fig is not None:
-                experiment.add_figure("ksm/scores", fig)
-        elif name == "WandbLogger":
-            import wandb  # noqa: F401  (optional)
+        if name == "TensorBoardLogger":
+            writer = logger.experiment
+            writer.add_text("ksm/report", "```\n" + report.to_text(max_rows=10) + "\n```", global_step=step)
+            png = os.path.join(report_dir, "scores.png")
+            if os.path.exists(png):
+                from matplotlib.image import imread
 
+                writer.add_image("ksm/scores", imread(png)[..., :3], global_step=step, dataformats="HWC")
+        elif name == "WandbLogger":
             rows = [[t, task, float(s)] for t in report.target_names for task, s in report.ranked(target=t)]
-            logger.log_table(key="ksm/scores", columns=["target", "task", "score"], data=rows)
-    except Exception as exc:  # a figure must never fail the run
-        warnings.warn(f"TaskAttribution: could not log a figure to {name}: {exc}", stacklevel=2)
+            logger.log_table(key="ksm/scores", columns=["target", "task", "score"], data=rows, step=step)
+    except Exception as exc:
+        warnings.warn(f"TaskAttribution: could not log a figure/table to {name}: {exc}", stacklevel=2)
 
 
 def _tolist(task_ids):
