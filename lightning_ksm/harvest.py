@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -305,32 +305,41 @@ class _Engine:
             if not vector:
                 fn = vmap(grad(self._sample_scalar, has_aux=True), in_dims=(None, 0, 0))
                 grads, values = fn(self.sel, xs, labels[s:e])
-                self._check_finite(values, grads, s, batch_index)
+                projected = self.projector.project(grads)
+                self._check_finite(values, projected, grads, s, batch_index)
                 outs.append(values)
-                jacs.append(self.projector.project(grads))
+                jacs.append(projected)
                 continue
             fn = vmap(self._sample_vector, in_dims=(None, 0, None))
             eye = torch.eye(n_classes, dtype=next(iter(self.sel.values())).dtype, device=labels.device)
             parts = []
             for c0 in range(0, n_classes, class_block):
                 grads, values = fn(self.sel, xs, eye[c0: c0 + class_block])
-                self._check_finite(values, grads, s, batch_index)
-                parts.append(self.projector.project(grads))
+                projected = self.projector.project(grads)
+                self._check_finite(values, projected, grads, s, batch_index)
+                parts.append(projected)
             outs.append(values)
             jacs.append(torch.cat(parts, dim=1))
         return torch.cat(outs), torch.cat(jacs)
 
     @staticmethod
-    def _check_finite(values, grads, offset, batch_index):
+    def _check_finite(values, projected, grads, offset, batch_index):
         i = _first_nonfinite(values)
         if i is not None:
             raise ValueError(f"batch {batch_index}, sample {offset + i}: the model output is not finite")
+        # A non-finite gradient entry makes its projection non-finite (every coordinate has nonzero
+        # weights), so the cheap check is on the k-dim projection; the d-dim scan runs only to
+        # name the culprit.
+        if _first_nonfinite(projected) is None:
+            return
         for name, g in grads.items():
             i = _first_nonfinite(g)
             if i is not None:
                 raise ValueError(
                     f"batch {batch_index}, sample {offset + i}: the gradient of parameter {name!r} is not finite"
                 )
+        i = _first_nonfinite(projected)
+        raise ValueError(f"batch {batch_index}, sample {offset + i}: the projected gradient is not finite (overflow)")
 
 
 def _unpack_batch(batch, batch_index: int):
@@ -401,7 +410,8 @@ def harvest(
     a tensor; task ids ints or strings; sample_index optional global sample indices (duplicates are
     dropped, keeping the first, and rows are ordered by index).
     ``projector``: a :class:`~lightning_ksm.projection.Projector` over exactly the selected parameters.
-    ``params`` / ``include`` / ``exclude``: parameter selection, see :func:`select_parameters`.
+    ``params`` / ``include`` / ``exclude``: parameter selection, see :func:`select_parameters`;
+    default: the projector's parameters (build it with :func:`projector_for_model`).
     ``mode``: ``"margin"``, ``"logits"``, ``"regression"``, ``"logistic"`` or a callable
     ``fn(outputs, labels) -> (batch,)``.
     ``weights``: ``{name: tensor}`` overriding the model's parameters/buffers (the W0 snapshot).
@@ -410,8 +420,11 @@ def harvest(
     ``device``: where to compute (default: the model's device).
     ``task_names``: the task order; an id not in it raises. Default: sorted unique ids.
     ``store`` (a :class:`FeatureStore` or a directory): stream each batch into it as shard
-    ``(rank, batch_index)`` of ``split``, skip batches already stored (resume), and return a summary
-    dict instead of the features.
+    ``(rank, batch_index)`` of ``split``, skip batches already stored (resume: the batches must come
+    in the same order; a stored shard with other rows or indices raises), and return a summary dict
+    ``{"split", "rows_written", "batches_written", "batches_skipped", "shards", "store"}`` instead of
+    the features. Harvest a split in one pass per rank (a second pass with the same rank would be
+    taken for a resume).
     """
     if not isinstance(projector, Projector):
         raise TypeError(f"projector must be a Projector (see make_projector), got {type(projector).__name__}")
@@ -427,6 +440,8 @@ def harvest(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if params is None and include is None and exclude is None:
+        params = projector.names  # default: the parameters the projector was built for
     names = select_parameters(model, params=params, include=include, exclude=exclude)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     selected = {n: shapes[n] for n in names}
@@ -481,9 +496,18 @@ def _harvest_loop(engine, batches, mode_name, mode, store, split, task_names, ra
             unknown = [t for t in task_list if t not in position]
             if unknown:
                 raise ValueError(f"batch {b}: unknown task id {unknown[0]!r}; task_names are {task_names}")
-        if store is not None and store.has_shard(split, (rank, b)):
-            summary["batches_skipped"] += 1
-            continue
+        if store is not None:
+            info = store.shard_info(split, (rank, b))
+            if info is not None:  # resume: this batch is stored; check that it is the same batch
+                stored_index = store.shard_index(split, (rank, b)) if index is not None else None
+                if info["rows"] != n or (stored_index is not None and not np.array_equal(stored_index, index)):
+                    raise ValueError(
+                        f"batch {b}: shard {info['key']!r} of split {split!r} is already stored with "
+                        f"other samples ({info['rows']} rows vs {n}); a resumed harvest needs the same "
+                        "batches in the same order (no shuffling), or use a new split/store"
+                    )
+                summary["batches_skipped"] += 1
+                continue
         if n == 0:
             continue
         inputs = _tree_map(lambda t: _prepare_tensor(t, device), inputs)

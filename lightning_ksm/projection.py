@@ -344,7 +344,7 @@ class SJLTProjector(Projector):
             m = m.to(x.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return (m @ x.T.contiguous()).T
+            return (m @ x.T).T
 
 
 class IdentityProjector(Projector):

@@ -270,11 +270,22 @@ class FeatureStore:
 
     def has_shard(self, split: str, key: Any) -> bool:
         """Whether the shard ``key`` of ``split`` is complete (a resumed harvest can skip it)."""
+        return self.shard_info(split, key) is not None
+
+    def shard_info(self, split: str, key: Any) -> dict | None:
+        """The manifest record of shard ``key`` of ``split`` (rows, task values, ...), or None."""
         if not self.exists():
-            return False
+            return None
         shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
         k = shard_key(key)
-        return any(s["key"] == k for s in shards)
+        return next((dict(s) for s in shards if s["key"] == k), None)
+
+    def shard_index(self, split: str, key: Any) -> np.ndarray | None:
+        """The per-sample global index stored with a shard (None if it has none)."""
+        info = self.shard_info(split, key)
+        if info is None or not info["has_index"]:
+            return None
+        return np.asarray(self._open(_check_split(split), info, "index"))
 
     def n_rows(self, split: str) -> int:
         """Rows stored for ``split`` before de-duplication."""

@@ -142,6 +142,11 @@ def test_include_exclude_select_the_right_parameters():
     proj = projector_for_model(model, "identity", None, include="body.3.*")
     part = harvest(model, [(x, y, [0] * 13)], projector=proj, include="body.3.*")
     np.testing.assert_allclose(part.jacobians, full[:, 40 + 8:], rtol=1e-6, atol=1e-7)
+    default = harvest(model, [(x, y, [0] * 13)], projector=proj)  # selection defaults to the projector's
+    np.testing.assert_allclose(default.jacobians, part.jacobians)
+    alien = make_projector("identity", {"body.9.weight": (2, 2)}, None)
+    with pytest.raises(ValueError, match="no parameter\(s\) \['body.9.weight'\]"):
+        harvest(model, [(x, y, [0] * 13)], projector=alien)
 
 
 def test_model_state_and_rng_are_unchanged_and_eval_mode_is_used():
@@ -166,6 +171,14 @@ def test_model_state_and_rng_are_unchanged_and_eval_mode_is_used():
         assert torch.equal(p, before[n]), n
     assert model.body[3].weight.grad is grad_obj and (grad_obj == 7.0).all()
     assert model.body[0].weight.grad is None
+    # inside Lightning's validation (no_grad) or trainer.validate() (inference_mode) it still works
+    with torch.inference_mode():
+        xi = x.clone()
+        under_inference = harvest(model, [(xi, y, [0] * 13)], projector=proj, mode="logits")
+    with torch.no_grad():
+        under_no_grad = harvest(model, [(x, y, [0] * 13)], projector=proj, mode="logits")
+    np.testing.assert_allclose(under_inference.jacobians, feats.jacobians, rtol=1e-6)
+    np.testing.assert_allclose(under_no_grad.jacobians, feats.jacobians, rtol=1e-6)
     model.eval()  # dropout active in train mode would make outputs random; the harvest used eval
     np.testing.assert_allclose(feats.outputs, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     model.train()
@@ -244,6 +257,9 @@ def test_store_streaming_two_ranks_resume_and_no_recompute(tmp_path):
     calls.clear()
     again = harvest(model, batches, projector=proj, store=store, rank=1, forward_fn=fwd)
     assert again["batches_skipped"] == 2 and again["batches_written"] == 0 and not calls
+    shuffled = [(x[[5, 3, 1]], y[[5, 3, 1]], [1, 3, 1], [5, 3, 1])] + batches[1:]
+    with pytest.raises(ValueError, match="batch 0: shard '1-0' of split 'source' is already stored with other"):
+        harvest(model, shuffled, projector=proj, store=store, rank=1)
     other = make_projector("sjlt", proj.param_shapes, 16)
     with pytest.raises(ValueError, match="different k"):
         harvest(model, batches, projector=other, store=store)
