@@ -33,6 +33,7 @@ _EXPORTS = {
     "AnalysisConfig": "analysis",
     "run_analysis": "analysis",
     "analyze_store": "analysis",
+    "report_from_losses": "analysis",
     "FeatureStore": "store",
     "HarvestedFeatures": "features",
     "TaskAttribution": "_lightning",

@@ -27,7 +27,7 @@ from .report import AttributionReport
 from .subsets import sample_subsets
 from .surrogates import KernelSurrogate, LinearSurrogate
 
-__all__ = ["AnalysisConfig", "run_analysis", "analyze_store", "present_tasks_only"]
+__all__ = ["AnalysisConfig", "run_analysis", "report_from_losses", "analyze_store", "present_tasks_only"]
 
 
 @dataclass
@@ -159,8 +159,46 @@ def run_analysis(
     start = time.perf_counter()
     result = gradex(source, target, S, lam=cfg.lam, loss=cfg.loss, weighting=cfg.weighting, progress=progress)
     timings["gradex"] = time.perf_counter() - start
-    F = result.losses
-    target_names = [str(t) for t in result.target_names]
+    extra = dict(extra_config or {})
+    fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss}
+    return report_from_losses(
+        S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
+        timings=timings, extra_config=extra, extra_fit_quality=fit_extra,
+    )
+
+
+def report_from_losses(
+    S,
+    F,
+    task_names,
+    target_names,
+    config: AnalysisConfig | dict | None = None,
+    *,
+    timings: dict | None = None,
+    extra_config: dict | None = None,
+    extra_fit_quality: dict | None = None,
+) -> AttributionReport:
+    """Surrogate fit, fit quality and every readout, from outcomes already measured or estimated.
+
+    ``S`` is the (m, K) subset matrix and ``F`` the (m, T) losses on those subsets (from GradEx, real
+    retraining or RL rollouts). The kernel surrogate (and, as a baseline, the linear one) is scored
+    on held-out subsets, refitted on all of them, and read out into an :class:`AttributionReport`.
+    """
+    cfg = AnalysisConfig.from_dict(config) if isinstance(config, dict) else (config or AnalysisConfig())
+    task_names = [str(t) for t in task_names]
+    target_names = [str(t) for t in target_names]
+    K = len(task_names)
+    cfg.validate(K)
+    S = np.asarray(S, dtype=bool)
+    F = np.asarray(F, dtype=np.float64)
+    if F.ndim == 1:
+        F = F[:, None]
+    if S.ndim != 2 or S.shape[1] != K or F.shape != (len(S), len(target_names)):
+        raise ValueError(
+            f"subsets of shape {S.shape} and losses of shape {F.shape} do not match "
+            f"{K} task names and {len(target_names)} target names"
+        )
+    timings = dict(timings or {})
 
     # 3. surrogate: fit quality on held-out subsets, then the final fit on all of them.
     start = time.perf_counter()
@@ -222,8 +260,7 @@ def run_analysis(
         "n_train_subsets": quality["kernel"]["n_train_subsets"],
         "n_heldout_subsets": quality["kernel"]["n_heldout_subsets"],
         "surrogate": {"kernel": cfg.kernel, "gamma": surrogate.gamma_, "alpha": surrogate.alpha_},
-        "gradex_converged": int(np.sum(result.converged)),
-        "gradex_loss": result.loss,
+        **(extra_fit_quality or {}),
     }
     if notes:
         fit_quality["notes"] = notes
