@@ -80,6 +80,9 @@ class TaskAttributionMixin:
         progress: show progress bars for the harvest and GradEx.
         raise_on_analysis_error: re-raise an analysis failure instead of warning (the harvest is
             kept either way).
+        overwrite: a fresh (not resumed) run whose output directory already holds an earlier run's
+            harvest fails at train start unless this is True, in which case the old harvest, W0 and
+            report are deleted first. Resuming from a checkpoint reuses the harvest on purpose.
 
     After ``fit``, ``callback.report`` holds the :class:`AttributionReport` (rank 0) and
     ``callback.report_dir`` its directory.
@@ -118,6 +121,7 @@ class TaskAttributionMixin:
         task_names: Optional[Sequence] = None,
         progress: bool = True,
         raise_on_analysis_error: bool = False,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.reader = BatchReader(input_key=input_key, label_key=label_key, task_key=task_key)
@@ -147,6 +151,8 @@ class TaskAttributionMixin:
         self.jacobian_dtype = jacobian_dtype
         self.task_names = list(task_names) if task_names is not None else None
         self.progress, self.raise_on_analysis_error = progress, raise_on_analysis_error
+        self.overwrite = overwrite
+        self._resumed = False
 
         # Run state (what state_dict saves: paths and progress, never arrays).
         self.output_dir: Optional[str] = None
@@ -213,6 +219,8 @@ class TaskAttributionMixin:
         if not self._enabled(trainer):
             return
         self._param_names = select_parameters(pl_module, include=self.include, exclude=self.exclude)
+        if not self._resumed:
+            self._guard_stale_output(trainer)
         if self.w0_path is not None and os.path.exists(self.w0_path):
             self._w0 = torch.load(self.w0_path, map_location="cpu", weights_only=True)
         elif self._snapshot_epoch is None:
@@ -260,6 +268,29 @@ class TaskAttributionMixin:
         self.output_dir = state_dict.get("output_dir")
         self.w0_path = state_dict.get("w0_path")
         self.harvest_complete = bool(state_dict.get("harvest_complete", False))
+        self._resumed = True
+
+    def _guard_stale_output(self, trainer) -> None:
+        """A fresh run must not mix its features with an earlier run's harvest in the same directory."""
+        stale = [p for p in (self.harvest_dir, os.path.join(self.output_dir, "w0.pt")) if os.path.exists(p)]
+        if not stale:
+            return
+        if not self.overwrite:
+            raise ValueError(
+                f"TaskAttribution output directory {self.output_dir} already holds an earlier run's "
+                f"{' and '.join(os.path.basename(p) for p in stale)}. Give this run its own dirpath, "
+                "resume the earlier run from its checkpoint (trainer.fit(..., ckpt_path=...)), or pass "
+                "overwrite=True to delete the old harvest, W0 and report"
+            )
+        if trainer.is_global_zero:
+            import shutil
+
+            warnings.warn(f"TaskAttribution: overwrite=True, deleting the earlier harvest in {self.output_dir}", stacklevel=2)
+            for path in (self.harvest_dir, self.report_dir):
+                shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(os.path.join(self.output_dir, "w0.pt")):
+                os.remove(os.path.join(self.output_dir, "w0.pt"))
+        trainer.strategy.barrier("ksm_overwrite")
 
     # -- snapshot -------------------------------------------------------------------------------
     def _take_snapshot(self, trainer, pl_module) -> None:

@@ -8,9 +8,10 @@ Sign conventions (F is a loss, lower is better):
 
 - ``scores[method][k, t]`` is the predicted increase of target ``t``'s loss when source task ``k`` is
   removed: **score > 0 means the task helps the target**, < 0 means it hurts.
-- ``interactions[t, i, j] = g(1) - g(1-e_i) - g(1-e_j) + g(1-e_i-e_j)``: **< 0 is synergy** (removing
-  both tasks hurts more than removing each alone: the pair helps more together), **> 0 is
-  antagonism / redundancy**.
+- ``interactions[t, i, j] = g(1) - g(1-e_i) - g(1-e_j) + g(1-e_i-e_j)``: **< 0 is synergy**
+  (removing both costs less than the two single removals added together: each task's benefit is
+  larger when the other is present, the pair helps more together), **> 0 is antagonism /
+  redundancy**.
 
 Files written by :meth:`AttributionReport.save` (all atomically, ``report.json`` last):
 

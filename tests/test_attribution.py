@@ -171,3 +171,21 @@ def test_holdout_quality_on_additive_function():
     assert q["heldout_lds"] > 0.95 and q["n_heldout_subsets"] == 10 and q["n_train_subsets"] == 40
     with pytest.raises(ValueError, match="holdout"):
         holdout_quality(KernelSurrogate(), S, F(S), holdout=1.5)
+
+
+def test_holdout_never_scores_on_subsets_seen_in_training():
+    K = 4  # 15 distinct subsets, so 60 samples repeat them
+    F, _ = planted.additive(K)
+    S = sample_subsets(K, 60, p=0.5, seed=0)
+    rng = np.random.default_rng(0)
+    y = F(S) + 0.01 * rng.normal(size=60)
+    q = holdout_quality(LinearSurrogate(), S, y, holdout=0.2, seed=0)
+    distinct = len(np.unique(S, axis=0))
+    assert q["n_train_subsets"] + q["n_heldout_subsets"] == 60
+    # Re-derive the split: no held-out subset appears among the training rows.
+    _, group = np.unique(S, axis=0, return_inverse=True)
+    held = np.random.default_rng(0).permutation(distinct)[: max(2, round(0.2 * distinct))]
+    test_rows = S[np.isin(group.ravel(), held)]
+    train_rows = S[~np.isin(group.ravel(), held)]
+    assert not any((train_rows == r).all(axis=1).any() for r in test_rows)
+    assert len(test_rows) == q["n_heldout_subsets"]

@@ -31,12 +31,12 @@ def trainer(tmp_path, callbacks=(), **kw):
     )
 
 
-def fit(tmp_path, cb=None, seed=0, **kw):
+def fit(tmp_path, cb=None, seed=0, callbacks_extra=(), **kw):
     L.seed_everything(seed, verbose=False)
     model = TinyNet()
     init = copy.deepcopy(model)
     train, val = make_data()
-    tr = trainer(tmp_path, [cb] if cb else [], **kw)
+    tr = trainer(tmp_path, ([cb] if cb else []) + list(callbacks_extra), **kw)
     tr.fit(model, *loaders(train, val))
     return tr, model, init
 
@@ -87,6 +87,19 @@ def test_same_seed_same_report(tmp_path):
     fit(tmp_path / "b", b)
     np.testing.assert_array_equal(a.report.scores["ensemble"], b.report.scores["ensemble"])
     np.testing.assert_array_equal(a.report.interactions, b.report.interactions)
+
+
+def test_fresh_run_refuses_an_earlier_harvest_in_its_directory(tmp_path):
+    first = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    fit(tmp_path / "a", first, max_epochs=1)
+    StepCounter.steps = 0
+    with pytest.raises(ValueError, match="already holds an earlier run's harvest"):
+        fit(tmp_path / "b", TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST), max_epochs=1, callbacks_extra=[StepCounter()])
+    assert StepCounter.steps == 0
+    again = TaskAttribution(dirpath=str(tmp_path / "ksm"), overwrite=True, **FAST)
+    with pytest.warns(UserWarning, match="deleting the earlier harvest"):
+        fit(tmp_path / "c", again, seed=1, max_epochs=1)
+    assert again.shards_computed > 0 and again.report is not None
 
 
 def test_fast_dev_run_is_skipped(tmp_path):
