@@ -17,7 +17,8 @@ their gradients another. Newton's method with conjugate gradients (exact Hessian
 is preconditioned, per subset, by the Hessian at ``z = 0``; that Hessian is a weighted sum of K
 per-task matrices computed once, so every preconditioner costs one small Cholesky factorization.
 For the squared loss the Hessian does not depend on ``z``, so the first Newton step is the exact
-closed-form solution.
+closed-form solution. By default (``dtype="auto"``) the solve runs in float32 and any subset that
+float32 cannot bring to tolerance is finished in float64. See docs/gradex.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .features import HarvestedFeatures
 
 __all__ = [
     "LOSSES",
+    "PRECONDITIONERS",
     "WEIGHTINGS",
     "GradExConvergenceWarning",
     "GradExResult",
@@ -46,6 +48,7 @@ __all__ = [
 
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
+PRECONDITIONERS = ("auto", "cholesky", "diagonal")
 _MODE_TO_LOSS = {
     "logits": "cross_entropy",
     "margin": "logistic",
@@ -135,7 +138,8 @@ class _Logistic:
 
     @staticmethod
     def value(P, y):
-        return (torch.nn.functional.softplus(P) - y * P).sum(1)
+        # y in {0, 1}: softplus(f) - y f = softplus((1 - 2y) f), one pass fewer
+        return torch.nn.functional.softplus((1 - 2 * y) * P)[:, 0]
 
     @staticmethod
     def grad_and_curv(P, y):
@@ -143,8 +147,12 @@ class _Logistic:
         return s - y, s * (1 - s)
 
     @staticmethod
-    def hvp(curv, U):
-        return curv * U
+    def weighted_curvature(curv, W):
+        return curv * W
+
+    @staticmethod
+    def hvp(state, U):
+        return state * U
 
     @staticmethod
     def predict_correct(P, y):
@@ -158,15 +166,20 @@ class _Squared:
 
     @staticmethod
     def value(P, y):
-        return 0.5 * ((P - y) ** 2).sum(1)
+        R = P - y
+        return 0.5 * (R[:, 0] ** 2 if R.shape[1] == 1 else (R * R).sum(1))
 
     @staticmethod
     def grad_and_curv(P, y):
         return P - y, None
 
     @staticmethod
-    def hvp(curv, U):
-        return U
+    def weighted_curvature(curv, W):
+        return W
+
+    @staticmethod
+    def hvp(state, U):
+        return state * U
 
     predict_correct = None
 
@@ -189,8 +202,13 @@ class _CrossEntropy:
         return g, p
 
     @staticmethod
-    def hvp(p, U):
-        return p * (U - (p * U).sum(1, keepdim=True))
+    def weighted_curvature(p, W):
+        return p, p * W
+
+    @staticmethod
+    def hvp(state, U):
+        p, pW = state
+        return pW * (U - (p * U).sum(1, keepdim=True))
 
     @staticmethod
     def predict_correct(P, y):
@@ -302,7 +320,7 @@ def _check_split(feats, split: str, loss: str) -> None:
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise ValueError(
-                f"loss='logistic' needs {split}.labels in {{0, 1}}, but labels[{i}] = {flat[i, 0]}"
+                f"loss='logistic' needs {split}.labels in {{0, 1}}, but {split}.labels[{i}] = {flat[i, 0]}"
             )
     else:  # squared
         want = (len(labels),) if feats.outputs.ndim == 1 else tuple(feats.outputs.shape)
@@ -357,27 +375,30 @@ def _check_scalar(name: str, value, *, positive=True, integer=False) -> None:
 class _Problem:
     """Source features on the solver's device/dtype, plus per-task curvature at z = 0."""
 
-    def __init__(self, feats, names, loss, weighting, lam, device, dtype):
+    def __init__(self, feats, names, loss, weighting, lam, device, dtype, preconditioner):
         self.loss = _LOSS_IMPL[loss]
         self.weighting = weighting
         self.lam = float(lam)
         self.names = names
-        J = torch.as_tensor(np.asarray(feats.jacobians), device=device).to(dtype)
+        J = _to_tensor(feats.jacobians, device, dtype)
         n = J.shape[0]
         self.C = 1 if J.dim() == 2 else J.shape[1]
         self.n, self.k = n, J.shape[-1]
         self.Jf = J.reshape(n * self.C, self.k)
-        self.f0 = torch.as_tensor(np.asarray(feats.outputs), device=device).to(dtype).reshape(n, self.C, 1)
+        self.f0 = _to_tensor(feats.outputs, device, dtype).reshape(n, self.C, 1)
         self.y = _labels_tensor(feats, loss, self.C, device, dtype)
         self.task_ids = torch.as_tensor(np.asarray(feats.task_ids).astype(np.int64), device=device)
         self.counts = np.bincount(np.asarray(feats.task_ids).astype(np.int64), minlength=len(names))
+        self.diagonal = preconditioner == "diagonal"
         self.task_hessians = self._task_hessians()
 
     def _task_hessians(self) -> torch.Tensor:
-        """sum over a task's samples of J_i^T H_i(f0_i) J_i, for every task: (K, k, k)."""
+        """sum over a task's samples of J_i^T H_i(f0_i) J_i, for every task: (K, k, k), or only
+        its diagonal (K, k) for the diagonal preconditioner."""
         n, C, k = self.n, self.C, self.k
         _, curv = self.loss.grad_and_curv(self.f0, self.y)
-        out = torch.zeros(len(self.names), k, k, dtype=self.Jf.dtype, device=self.Jf.device)
+        shape = (len(self.names), k) if self.diagonal else (len(self.names), k, k)
+        out = torch.zeros(shape, dtype=self.Jf.dtype, device=self.Jf.device)
         J3 = self.Jf.view(n, C, k)
         for t in range(len(self.names)):
             idx = torch.nonzero(self.task_ids == t).flatten()
@@ -388,10 +409,13 @@ class _Problem:
                 Jw = Jt
             else:
                 Jw = Jt * curv[idx]  # (n_t, C, k) * (n_t, C, 1)
-            out[t] = Jw.reshape(-1, k).T @ Jt.reshape(-1, k)
+            if self.diagonal:
+                out[t] = (Jw * Jt).sum((0, 1))
+            else:
+                out[t] = Jw.reshape(-1, k).T @ Jt.reshape(-1, k)
             if self.loss is _CrossEntropy:  # minus the rank-one part p p^T of the softmax Hessian
                 Q = (Jt * curv[idx]).sum(1)  # (n_t, k)
-                out[t] -= Q.T @ Q
+                out[t] -= (Q * Q).sum(0) if self.diagonal else Q.T @ Q
         return out
 
     def subset_weights(self, S: np.ndarray) -> torch.Tensor:
@@ -420,6 +444,15 @@ def subset_sample_weights(subsets: np.ndarray, task_counts: np.ndarray, weightin
     return np.where(S > 0, w, 0.0)
 
 
+def _to_tensor(arr, device, dtype) -> torch.Tensor:
+    """The array as a tensor; read-only (memory-mapped) arrays are copied into memory first.
+    The solver never writes into these tensors, so sharing a writable array is safe."""
+    arr = np.asarray(arr)
+    if not arr.flags.writeable:
+        arr = np.array(arr, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    return torch.as_tensor(arr, device=device).to(dtype)
+
+
 def _labels_tensor(feats, loss, C, device, dtype) -> torch.Tensor:
     labels = np.asarray(feats.labels)
     n = len(labels)
@@ -428,11 +461,41 @@ def _labels_tensor(feats, loss, C, device, dtype) -> torch.Tensor:
     return torch.as_tensor(labels.reshape(n, -1).astype(np.float64), device=device).to(dtype).reshape(n, C, 1)
 
 
-def _chol_apply(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """Solve M_j x_j = r_j for every column j of R (k, m), with M_j = L_j L_j^T."""
-    # Two batched triangular solves: much faster than torch.cholesky_solve for many small systems.
-    Y = torch.linalg.solve_triangular(L, R.T.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(L.mT, Y, upper=True).squeeze(-1).T
+class _Preconditioner:
+    """Every subset's Hessian at z = 0, sum_t a_st H_t + lam I, ready to apply its inverse.
+
+    ``cholesky``: the full k x k matrices, factored once per batch (m k^3 / 3 flops);
+    ``diagonal``: their diagonals only (for very large k, where m k^2 numbers do not fit)."""
+
+    def __init__(self, prob, A):
+        m, k, K = A.shape[0], prob.k, len(prob.names)
+        if prob.diagonal:
+            self.L = None
+            self.D = A @ prob.task_hessians + prob.lam  # (m, k)
+            return
+        M = (A @ prob.task_hessians.reshape(K, k * k)).reshape(m, k, k)
+        M.diagonal(dim1=1, dim2=2).add_(prob.lam)
+        L, info = torch.linalg.cholesky_ex(M)
+        if bool((info > 0).any()):  # positive definiteness lost to round-off: add jitter
+            diag = M.diagonal(dim1=1, dim2=2)
+            diag.add_(1e-6 * diag.abs().amax(-1, keepdim=True) + prob.lam)
+            L = torch.linalg.cholesky(M)
+        self.L = L
+
+    def select(self, keep: torch.Tensor) -> "_Preconditioner":
+        """The preconditioners of the subsets (columns) in ``keep``."""
+        out = object.__new__(_Preconditioner)
+        out.L = None if self.L is None else self.L[keep]
+        out.D = None if self.L is not None else self.D[keep]
+        return out
+
+    def apply(self, R: torch.Tensor) -> torch.Tensor:
+        """M_j^{-1} r_j for every column j of R (k, m)."""
+        if self.L is None:
+            return R / self.D.T
+        # Two batched triangular solves: much faster than torch.cholesky_solve for many small systems.
+        Y = torch.linalg.solve_triangular(self.L, R.T.unsqueeze(-1), upper=False)
+        return torch.linalg.solve_triangular(self.L.mT, Y, upper=True).squeeze(-1).T
 
 
 def _objective(prob, P, W, Z):
@@ -441,20 +504,27 @@ def _objective(prob, P, W, Z):
 
 
 def _gradient(prob, P, W, Z):
+    """Gradient (k, m) and the weighted loss curvature that Hessian-vector products need."""
     G, curv = prob.loss.grad_and_curv(P, prob.y)
-    G = G * W.unsqueeze(1)
-    g = prob.Jf.T @ G.reshape(prob.n * prob.C, -1) + prob.lam * Z
-    return g, curv
+    W = W.unsqueeze(1)
+    g = prob.Jf.T @ (G * W).reshape(prob.n * prob.C, -1) + prob.lam * Z
+    return g, prob.loss.weighted_curvature(curv, W)
 
 
-def _hessian_vec(prob, curv, W, V):
+def _hessian_vec(prob, state, V):
     """Exact Hessian-vector products for every column of V (k, m); also returns J V."""
     JV = prob.Jf @ V
-    HU = prob.loss.hvp(curv, JV.view(prob.n, prob.C, -1)) * W.unsqueeze(1)
+    HU = prob.loss.hvp(state, JV.view(prob.n, prob.C, -1))
     return prob.Jf.T @ HU.reshape(prob.n * prob.C, -1) + prob.lam * V, JV
 
 
-def _pcg(prob, curv, W, L, g, forcing, max_cg):
+def _select_state(state, keep):
+    if isinstance(state, tuple):
+        return tuple(x[..., keep] for x in state)
+    return state[..., keep]
+
+
+def _pcg(prob, state, precond, g, forcing, max_cg):
     """Preconditioned CG on H d = -g, column by column (columns stop at their own tolerance).
 
     Returns d (k, m) and J d (nC, m), accumulated from the J p products CG computes anyway."""
@@ -462,14 +532,14 @@ def _pcg(prob, curv, W, L, g, forcing, max_cg):
     x = torch.zeros_like(b)
     Jx = torch.zeros(prob.n * prob.C, b.shape[1], dtype=b.dtype, device=b.device)
     r = b.clone()
-    z = _chol_apply(L, r)
+    z = precond.apply(r)
     p = z.clone()
     rz = (r * z).sum(0)
     target = forcing * b.norm(dim=0)
     live = torch.ones(b.shape[1], dtype=torch.bool, device=b.device)
     one = torch.ones((), dtype=b.dtype, device=b.device)
     for _ in range(max_cg):
-        Hp, Jp = _hessian_vec(prob, curv, W, p)
+        Hp, Jp = _hessian_vec(prob, state, p)
         pHp = (p * Hp).sum(0)
         alpha = torch.where(live & (pHp > 0), rz / torch.where(pHp > 0, pHp, one), 0 * one)
         x += alpha * p
@@ -478,7 +548,7 @@ def _pcg(prob, curv, W, L, g, forcing, max_cg):
         live &= r.norm(dim=0) > target
         if not bool(live.any()):
             break
-        z = _chol_apply(L, r)
+        z = precond.apply(r)
         rz_new = (r * z).sum(0)
         beta = torch.where(live & (rz > 0), rz_new / torch.where(rz > 0, rz, one), 0 * one)
         p = z + beta * p
@@ -487,50 +557,59 @@ def _pcg(prob, curv, W, L, g, forcing, max_cg):
 
 
 def _line_search(prob, P, W, Z, d, Jd, g, f_cur):
-    """Backtracking (Armijo) step per column; returns steps t (m,), 0 where none was found.
+    """Backtracking (Armijo) step per column. Returns steps t (m,), 0 where none was found, and
+    the objective at the accepted step.
 
     Trial objectives need no matrix product: predictions move along the precomputed J d."""
     slope = (g * d).sum(0)
     t = torch.ones_like(slope)
     ok = torch.zeros_like(slope, dtype=torch.bool)
+    f_acc = f_cur.clone()
     n, C = prob.n, prob.C
     # Slack of a few ulps of the objective, so round-off near the optimum cannot block a step.
     slack = 64 * torch.finfo(P.dtype).eps * f_cur.abs()
-    for _ in range(40):
-        f_new = _objective(prob, (P + t * Jd).view(n, C, -1), W, Z + t * d)
-        ok = ok | (f_new <= f_cur + 1e-4 * t * slope + slack)
+    for trial in range(40):
+        Pt = P + Jd if trial == 0 else P + t * Jd  # the full Newton step is tried first
+        f_new = _objective(prob, Pt.view(n, C, -1), W, Z + t * d)
+        accept = ~ok & (f_new <= f_cur + 1e-4 * t * slope + slack)
+        f_acc = torch.where(accept, f_new, f_acc)
+        ok = ok | accept
         if bool(ok.all()):
             break
         t = torch.where(ok, t, 0.5 * t)
-    return torch.where(ok, t, torch.zeros_like(t))
+    return torch.where(ok, t, torch.zeros_like(t)), f_acc
 
 
-def _solve_batch(prob, S: np.ndarray, tol: float, max_iter: int, max_cg: int):
-    """Newton-CG for one batch of subsets. Returns Z (k, m), converged, n_iter, grad norms."""
+def _solve_batch(prob, S: np.ndarray, tol: float, max_iter: int, max_cg: int, Z0=None, gnorm0=None):
+    """Newton-CG for one batch of subsets. Returns Z (k, m), converged, n_iter, grad norms and
+    the gradient norms at z = 0 (the reference of the relative tolerance).
+
+    ``Z0`` (k, m) warm-starts the iteration; ``gnorm0`` then gives the reference norms."""
     dev, dt = prob.Jf.device, prob.Jf.dtype
     m, k, n, C = S.shape[0], prob.k, prob.n, prob.C
     A = prob.subset_weights(S)  # (m, K)
     W_all = A[:, prob.task_ids].T.contiguous()  # (n, m): sample weights under each subset
-    # Preconditioners: the exact Hessian at z = 0 of every subset, Cholesky-factored once.
-    M = (A @ prob.task_hessians.reshape(len(prob.names), k * k)).reshape(m, k, k)
-    M.diagonal(dim1=1, dim2=2).add_(prob.lam)
-    L, info = torch.linalg.cholesky_ex(M)
-    if bool((info > 0).any()):  # loss of positive definiteness by round-off: add jitter
-        M.diagonal(dim1=1, dim2=2).add_(1e-6 * M.diagonal(dim1=1, dim2=2).abs().amax(-1, keepdim=True) + prob.lam)
-        L = torch.linalg.cholesky(M)
-    del M
+    # Preconditioners: the exact Hessian at z = 0 of every subset, factored once.
+    precond = _Preconditioner(prob, A)
 
-    Z = torch.zeros(k, m, dtype=dt, device=dev)
-    P = prob.f0.reshape(n * C, 1).expand(n * C, m).clone()
+    if Z0 is None:
+        Z = torch.zeros(k, m, dtype=dt, device=dev)
+        P = prob.f0.reshape(n * C, 1).expand(n * C, m).clone()
+    else:
+        Z = Z0.to(device=dev, dtype=dt).clone()
+        P = prob.f0.reshape(n * C, 1) + prob.Jf @ Z
+        gnorm0 = torch.as_tensor(gnorm0, device=dev).to(dt).clamp_min(torch.finfo(dt).tiny)
     converged = np.zeros(m, dtype=bool)
     n_iter = np.zeros(m, dtype=np.int64)
     gnorm = np.zeros(m)
-    gnorm0 = None
     active = torch.arange(m, device=dev)
+    g_prev = torch.full((m,), float("inf"), dtype=dt, device=dev)
+    floor = math.sqrt(torch.finfo(dt).eps)  # below this relative gradient, round-off can dominate
     f_cur = _objective(prob, P.view(n, C, m), W_all, Z)
     for it in range(max_iter + 1):
-        Pa, Wa, Za = P[:, active], W_all[:, active], Z[:, active]
-        g, curv = _gradient(prob, Pa.view(n, C, -1), Wa, Za)
+        full = len(active) == m  # while every subset is active, work on views, not copies
+        Pa, Wa, Za = (P, W_all, Z) if full else (P[:, active], W_all[:, active], Z[:, active])
+        g, state = _gradient(prob, Pa.view(n, C, -1), Wa, Za)
         gn = g.norm(dim=0)
         if gnorm0 is None:
             gnorm0 = gn.clamp_min(torch.finfo(dt).tiny)
@@ -538,30 +617,39 @@ def _solve_batch(prob, S: np.ndarray, tol: float, max_iter: int, max_cg: int):
         gnorm[act_np] = gn.cpu().numpy()
         done = gn <= tol * gnorm0[active]
         converged[act_np[done.cpu().numpy()]] = True
-        keep = ~done
+        # Newton shrinks the gradient many-fold per step near the optimum; a column that no longer
+        # halves it there has hit the precision floor of its dtype: stop it (not converged).
+        stalled = ~done & (gn > 0.5 * g_prev[active]) & (gn <= floor * gnorm0[active])
+        g_prev[active] = gn
+        keep = ~done & ~stalled
         if it == max_iter or not bool(keep.any()):
             break
         if not bool(keep.all()):
             active, g, Pa, Wa, Za = active[keep], g[:, keep], Pa[:, keep], Wa[:, keep], Za[:, keep]
-            curv = None if curv is None else curv[..., keep]
+            state = _select_state(state, keep)
+            full = False
         # Inexact Newton: CG only as accurate as the current gradient warrants.
         forcing = torch.clamp(torch.sqrt(g.norm(dim=0) / gnorm0[active]), max=0.5)
-        La = L if len(active) == m else L[active]
-        d, Jd = _pcg(prob, curv, Wa, La, g, forcing, max_cg)
-        t = _line_search(prob, Pa, Wa, Za, d, Jd, g, f_cur[active])
-        Z[:, active] = Za + t * d
-        P[:, active] = Pa + t * Jd
-        f_cur[active] = _objective(prob, P[:, active].view(n, C, -1), Wa, Z[:, active])
+        d, Jd = _pcg(prob, state, precond if full else precond.select(active), g, forcing, max_cg)
+        t, f_new = _line_search(prob, Pa, Wa, Za, d, Jd, g, f_cur if full else f_cur[active])
+        if full:
+            f_cur = f_new
+            Z.add_(t * d)
+            P.add_(Jd if bool((t == 1).all()) else t * Jd)
+        else:
+            f_cur[active] = f_new
+            Z[:, active] = Za + t * d
+            P[:, active] = Pa + t * Jd
         stepped = t > 0
         n_iter[active.cpu().numpy()] += stepped.cpu().numpy()
         if not bool(stepped.all()):  # no descent possible (precision floor): stop these columns
             active = active[stepped]
             if len(active) == 0:
                 break
-    return Z, converged, n_iter, gnorm
+    return Z, converged, n_iter, gnorm, gnorm0.cpu().numpy()
 
 
-def _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size):
+def _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size, preconditioner, max_cg):
     if not isinstance(source, HarvestedFeatures):
         raise TypeError(f"source must be a HarvestedFeatures, got {type(source).__name__}")
     if loss is None:
@@ -571,17 +659,84 @@ def _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     _check_scalar("lam", lam)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    tol = _DEFAULT_TOL[dtype] if tol is None else tol
-    _check_scalar("tol", tol)
+    if dtype == "auto":
+        dtypes = (torch.float32, torch.float64)
+    elif dtype in (torch.float32, torch.float64):
+        dtypes = (dtype,)
+    else:
+        raise ValueError(f'dtype must be "auto", torch.float32 or torch.float64, got {dtype!r}')
+    if tol is not None:
+        _check_scalar("tol", tol)
+    tols = {dt: _DEFAULT_TOL[dt] if tol is None else float(tol) for dt in dtypes}
     _check_scalar("max_iter", max_iter, integer=True)
     if batch_size is not None:
         _check_scalar("batch_size", batch_size, integer=True)
-    return loss, tol
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    if preconditioner == "auto":
+        # Full k x k preconditioners while K task matrices plus 16 subsets' factors fit in 1 GiB,
+        # and while k <= n C: beyond that a factor costs more to apply than a Hessian product.
+        K = len(_task_names(source))
+        itemsize = torch.finfo(dtypes[0]).bits // 8
+        k, nC = source.proj_dim, source.n_samples * (1 if source.outputs.ndim == 1 else source.outputs.shape[1])
+        fits = k**2 * itemsize * (K + 16) <= _MEMORY_BUDGET
+        preconditioner = "cholesky" if fits and k <= nC else "diagonal"
+    if max_cg is None:
+        max_cg = 50 if preconditioner == "cholesky" else 1000
+    _check_scalar("max_cg", max_cg, integer=True)
+    return _Settings(loss, weighting, float(lam), dtypes, tols, max_iter, max_cg, preconditioner)
 
 
-def _prepare(source, subsets, loss, weighting, lam, device, dtype):
+@dataclass
+class _Settings:
+    loss: str
+    weighting: str
+    lam: float
+    dtypes: tuple  # (float32, float64) for dtype="auto": float64 re-solves what float32 cannot
+    tols: dict
+    max_iter: int
+    max_cg: int
+    preconditioner: str
+
+
+class _Solver:
+    """Solves batches of subsets in the first dtype; with dtype="auto", subsets that float32
+    cannot bring to tolerance are re-solved in float64, warm-started from the float32 iterate."""
+
+    def __init__(self, source, names, cfg: _Settings, device):
+        self.source, self.names, self.cfg, self.device = source, names, cfg, device
+        self.problems = {}
+        self.n_refined = 0
+
+    def problem(self, dtype) -> _Problem:
+        if dtype not in self.problems:  # the float64 copy is only built when it is needed
+            cfg = self.cfg
+            self.problems[dtype] = _Problem(
+                self.source, self.names, cfg.loss, cfg.weighting, cfg.lam, self.device, dtype, cfg.preconditioner
+            )
+        return self.problems[dtype]
+
+    def solve(self, S: np.ndarray):
+        """Z (k, m) in float64, converged, n_iter, gradient norms for one batch of subsets."""
+        cfg = self.cfg
+        first = cfg.dtypes[0]
+        Z, conv, iters, gn, g0 = _solve_batch(self.problem(first), S, cfg.tols[first], cfg.max_iter, cfg.max_cg)
+        Z = Z.to(torch.float64)
+        if len(cfg.dtypes) > 1 and not conv.all():
+            bad = np.flatnonzero(~conv)
+            idx = torch.as_tensor(bad, device=Z.device)
+            Z2, c2, it2, gn2, _ = _solve_batch(
+                self.problem(cfg.dtypes[1]), S[bad], cfg.tols[cfg.dtypes[1]], cfg.max_iter, cfg.max_cg,
+                Z0=Z[:, idx], gnorm0=g0[bad],
+            )
+            Z[:, idx] = Z2.to(torch.float64)
+            conv[bad], gn[bad] = c2, gn2
+            iters[bad] += it2
+            self.n_refined += len(bad)
+        return Z, conv, iters, gn
+
+
+def _prepare(source, subsets, loss):
     """Validate source + subsets, then build the solver problem (the only expensive setup)."""
     _check_split(source, "source", loss)
     names = _task_names(source)
@@ -598,8 +753,9 @@ def _prepare(source, subsets, loss, weighting, lam, device, dtype):
     return S, names
 
 
-def _auto_batch(m, n, C, k, n_target, itemsize):
-    per_subset = itemsize * (7 * n * C + 2 * n + 2 * k * k + 12 * k + 3 * n_target * C)
+def _auto_batch(m, n, C, k, n_target, diagonal):
+    kk = 0 if diagonal else 2 * k * k  # one preconditioner and its factor per subset
+    per_subset = 8 * (7 * n * C + 2 * n + kk + 12 * k + 3 * n_target * C)  # float64 worst case
     return int(max(1, min(m, _MEMORY_BUDGET // max(1, per_subset))))
 
 
@@ -619,7 +775,7 @@ def _warn_unconverged(converged, grad_norms):
         warnings.warn(
             f"GradEx: {len(bad)} of {len(converged)} subsets did not reach the gradient tolerance "
             f"(first: rows {bad[:5].tolist()}, gradient norms {np.round(grad_norms[bad[:5]], 12).tolist()}); "
-            "raise max_iter or lam, use dtype=torch.float64, or loosen tol",
+            "raise max_iter or lam, use dtype=torch.float64 (or \"auto\"), or loosen tol",
             GradExConvergenceWarning,
             stacklevel=3,
         )
@@ -634,25 +790,28 @@ def solve_subsets(
     weighting: str = "task",
     batch_size: Optional[int] = None,
     max_iter: int = 50,
-    max_cg: int = 100,
+    max_cg: Optional[int] = None,
+    preconditioner: str = "auto",
     tol: Optional[float] = None,
     device="cpu",
-    dtype: torch.dtype = torch.float64,
+    dtype="auto",
     progress: bool = False,
 ) -> SubsetSolutions:
     """Solve the linearized fine-tuning problem (eq. 9) for every subset row; see :func:`gradex`.
 
     Returns the solutions Z*_s as an ``(m, k)`` array with per-subset convergence facts.
     """
-    loss, tol = _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size)
-    S, names = _prepare(source, subsets, loss, weighting, lam, device, dtype)
-    prob = _Problem(source, names, loss, weighting, lam, device, dtype)
+    cfg = _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size, preconditioner, max_cg)
+    loss = cfg.loss
+    S, names = _prepare(source, subsets, loss)
+    solver = _Solver(source, names, cfg, device)
+    prob = solver.problem(cfg.dtypes[0])
     m = S.shape[0]
-    bs = batch_size or _auto_batch(m, prob.n, prob.C, prob.k, 0, torch.finfo(dtype).bits // 8)
+    bs = batch_size or _auto_batch(m, prob.n, prob.C, prob.k, 0, prob.diagonal)
     Zs, conv, iters, gns = [], [], [], []
     bar = _progress(m, progress, "GradEx solve")
     for start in range(0, m, bs):
-        Z, c, it, gn = _solve_batch(prob, S[start : start + bs], tol, max_iter, max_cg)
+        Z, c, it, gn = solver.solve(S[start : start + bs])
         Zs.append(Z.T.cpu().numpy())
         conv.append(c), iters.append(it), gns.append(gn)
         if bar is not None:
@@ -677,11 +836,11 @@ class _Target:
 
     def __init__(self, feats, loss, C, device, dtype):
         self.loss = _LOSS_IMPL[loss]
-        J = torch.as_tensor(np.asarray(feats.jacobians), device=device).to(dtype)
+        J = _to_tensor(feats.jacobians, device, dtype)
         n = J.shape[0]
         self.n, self.C = n, C
         self.Jf = J.reshape(n * C, -1)
-        self.f0 = torch.as_tensor(np.asarray(feats.outputs), device=device).to(dtype).reshape(n * C, 1)
+        self.f0 = _to_tensor(feats.outputs, device, dtype).reshape(n * C, 1)
         self.y = _labels_tensor(feats, loss, C, device, dtype)
         self.labels_np = np.asarray(feats.labels)
         names = _task_names(feats)
@@ -725,10 +884,11 @@ def gradex(
     weighting: str = "task",
     batch_size: Optional[int] = None,
     max_iter: int = 50,
-    max_cg: int = 100,
+    max_cg: Optional[int] = None,
+    preconditioner: str = "auto",
     tol: Optional[float] = None,
     device="cpu",
-    dtype: torch.dtype = torch.float64,
+    dtype="auto",
     accuracy: bool = True,
     metric: Optional[Callable[[np.ndarray, np.ndarray], float]] = None,
     keep_solutions: bool = False,
@@ -763,11 +923,19 @@ def gradex(
     batch_size:
         subsets solved together; ``None`` picks the largest batch within ~1 GiB of working memory.
     max_iter, max_cg, tol:
-        Newton steps, CG steps per Newton step, and the relative gradient-norm tolerance
-        (default 1e-8 for float64, 1e-5 for float32). Subsets that miss it are reported in
-        ``converged`` and a :class:`GradExConvergenceWarning` is issued.
+        Newton steps, CG steps per Newton step (default 50 with the Cholesky preconditioner,
+        1000 with the diagonal one), and the relative gradient-norm tolerance: stop when
+        ``|grad| <= tol * |grad at z=0|`` (default 1e-8 for float64, 1e-5 for float32). Subsets
+        that miss it are reported in ``converged`` and a :class:`GradExConvergenceWarning` is issued.
+    preconditioner:
+        ``"cholesky"``: each subset's exact Hessian at z = 0 (k x k, factored once);
+        ``"diagonal"``: its diagonal only, for very large k; ``"auto"`` (default) picks Cholesky
+        while K + 16 matrices of k x k fit in 1 GiB and k <= n C (source samples x outputs).
     device, dtype:
-        where and in which precision to solve (float64 by default: see docs/gradex.md).
+        where and in which precision to solve. ``dtype="auto"`` (default): float32 first (tolerance
+        1e-5), then float64 (tolerance 1e-8) for the subsets float32 could not finish;
+        ``torch.float64`` or ``torch.float32`` use one precision throughout. Target losses are
+        always evaluated in float64.
     accuracy:
         also report classification accuracy per group (classification losses only).
     metric:
@@ -778,7 +946,8 @@ def gradex(
     progress:
         show a tqdm progress bar over subsets.
     """
-    loss, tol = _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size)
+    cfg = _resolve(source, loss, weighting, lam, dtype, tol, max_iter, batch_size, preconditioner, max_cg)
+    loss = cfg.loss
     if not isinstance(target, HarvestedFeatures):
         raise TypeError(f"target must be a HarvestedFeatures, got {type(target).__name__}")
     if metric is not None and not callable(metric):
@@ -804,17 +973,18 @@ def gradex(
             "harvest both splits in the same output mode"
         )
     _check_split(target, "target", loss)
-    S, names = _prepare(source, subsets, loss, weighting, lam, device, dtype)
+    S, names = _prepare(source, subsets, loss)
 
-    prob = _Problem(source, names, loss, weighting, lam, device, dtype)
-    tgt = _Target(target, loss, prob.C, device, dtype)
+    solver = _Solver(source, names, cfg, device)
+    prob = solver.problem(cfg.dtypes[0])
+    # Target losses in float64 always: F^ differences between subsets can be small.
+    tgt = _Target(target, loss, prob.C, device, torch.float64)
     m = S.shape[0]
-    itemsize = torch.finfo(dtype).bits // 8
-    bs = batch_size or _auto_batch(m, prob.n, prob.C, prob.k, tgt.n, itemsize)
+    bs = batch_size or _auto_batch(m, prob.n, prob.C, prob.k, tgt.n, prob.diagonal)
     parts = {key: [] for key in ("loss", "acc", "metric", "conv", "iter", "gn", "norm", "Z")}
     bar = _progress(m, progress, "GradEx")
     for start in range(0, m, bs):
-        Z, c, it, gn = _solve_batch(prob, S[start : start + bs], tol, max_iter, max_cg)
+        Z, c, it, gn = solver.solve(S[start : start + bs])
         lo, acc, vals = tgt.evaluate(Z, accuracy, metric)
         parts["loss"].append(lo)
         parts["acc"].append(acc)
@@ -848,7 +1018,13 @@ def gradex(
         accuracy=cat("acc"),
         metric_values=cat("metric"),
         solutions=cat("Z") if keep_solutions else None,
-        extras={"tol": tol, "batch_size": bs, "dtype": str(dtype).replace("torch.", "")},
+        extras={
+            "tol": {str(k).replace("torch.", ""): v for k, v in cfg.tols.items()},
+            "batch_size": bs,
+            "dtype": dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
+            "preconditioner": cfg.preconditioner,
+            "float64_resolved": solver.n_refined if len(cfg.dtypes) > 1 else 0,
+        },
     )
     _warn_unconverged(result.converged, result.grad_norms)
     return result

@@ -119,7 +119,7 @@ CASES = [("cross_entropy", False), ("logistic", False), ("squared", False), ("sq
 def test_matches_independent_per_subset_solve(loss, vector, weighting):
     feats = make_split(loss, seed=1, vector_regression=vector)
     lam = 0.05
-    sol = solve_subsets(feats, SUBSETS, lam=lam, weighting=weighting)
+    sol = solve_subsets(feats, SUBSETS, lam=lam, weighting=weighting, dtype=torch.float64)
     assert sol.solutions.shape == (len(SUBSETS), feats.proj_dim)
     assert sol.converged.all()
     tid = np.asarray(feats.task_ids)
@@ -136,14 +136,26 @@ def test_matches_independent_per_subset_solve(loss, vector, weighting):
         assert (sol.n_iter == 1).all()
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "squared"])
+def test_diagonal_preconditioner_reaches_the_same_solution(loss):
+    feats = make_split(loss, seed=24)
+    sol = solve_subsets(feats, SUBSETS[:3], lam=0.05, preconditioner="diagonal", dtype=torch.float64)
+    assert sol.converged.all()
+    for j, row in enumerate(SUBSETS[:3]):
+        z_ref = ref_solve(feats, loss, ref_weights(row, np.asarray(feats.task_ids), "task"), 0.05)
+        assert np.linalg.norm(sol.solutions[j] - z_ref) <= 1e-5 * np.linalg.norm(z_ref)
+    with pytest.raises(ValueError, match="preconditioner must be one of"):
+        solve_subsets(feats, SUBSETS, preconditioner="ilu")
+
+
 def test_batching_and_permutation_invariance():
     feats = make_split("cross_entropy", seed=2)
-    full = gradex(feats, feats, SUBSETS, lam=0.02, keep_solutions=True)
-    one = gradex(feats, feats, SUBSETS, lam=0.02, batch_size=1, keep_solutions=True)
+    full = gradex(feats, feats, SUBSETS, lam=0.02, keep_solutions=True, dtype=torch.float64)
+    one = gradex(feats, feats, SUBSETS, lam=0.02, batch_size=1, keep_solutions=True, dtype=torch.float64)
     np.testing.assert_allclose(one.solutions, full.solutions, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(one.losses, full.losses, rtol=1e-9)
     perm = np.random.default_rng(0).permutation(len(SUBSETS))
-    permuted = gradex(feats, feats, SUBSETS[perm], lam=0.02, batch_size=3, keep_solutions=True)
+    permuted = gradex(feats, feats, SUBSETS[perm], lam=0.02, batch_size=3, keep_solutions=True, dtype=torch.float64)
     np.testing.assert_allclose(permuted.losses, full.losses[perm], rtol=1e-9)
     np.testing.assert_allclose(permuted.solutions, full.solutions[perm], rtol=1e-7, atol=1e-10)
     np.testing.assert_array_equal(permuted.subsets, SUBSETS[perm])
@@ -163,24 +175,24 @@ def test_task_vs_sample_weighting_follow_the_formula():
     w_sample = np.full(8, 1 / 8)
     for weighting, w in [("task", w_task), ("sample", w_sample)]:
         z_hand = (w * J[:, 0] * y).sum() / ((w * J[:, 0] ** 2).sum() + lam)
-        z = solve_subsets(feats, both, lam=lam, weighting=weighting).solutions[0, 0]
+        z = solve_subsets(feats, both, lam=lam, weighting=weighting, dtype=torch.float64).solutions[0, 0]
         assert z == pytest.approx(z_hand, rel=1e-12)
     # by hand: task weighting gives (0.25*3+0.5*3 - 0.5)/(0.25+1+0.5+0.5) = 1.75/2.25
-    z_task = solve_subsets(feats, both, lam=lam, weighting="task").solutions[0, 0]
+    z_task = solve_subsets(feats, both, lam=lam, weighting="task", dtype=torch.float64).solutions[0, 0]
     assert z_task == pytest.approx(1.75 / 2.25, rel=1e-12)
-    z_sample = solve_subsets(feats, both, lam=lam, weighting="sample").solutions[0, 0]
+    z_sample = solve_subsets(feats, both, lam=lam, weighting="sample", dtype=torch.float64).solutions[0, 0]
     assert z_sample == pytest.approx((9 / 8 - 6 / 8) / (11 / 8 + 0.5), rel=1e-12)
     # the two weightings coincide on single-task subsets and on balanced tasks
     single = np.array([[0, 1]], dtype=bool)
     np.testing.assert_allclose(
-        solve_subsets(feats, single, lam=lam, weighting="task").solutions,
-        solve_subsets(feats, single, lam=lam, weighting="sample").solutions,
+        solve_subsets(feats, single, lam=lam, weighting="task", dtype=torch.float64).solutions,
+        solve_subsets(feats, single, lam=lam, weighting="sample", dtype=torch.float64).solutions,
         rtol=1e-12,
     )
     balanced = make_split("logistic", seed=3, sizes=[20] * K)
     np.testing.assert_allclose(
-        solve_subsets(balanced, SUBSETS, lam=0.1, weighting="task").solutions,
-        solve_subsets(balanced, SUBSETS, lam=0.1, weighting="sample").solutions,
+        solve_subsets(balanced, SUBSETS, lam=0.1, weighting="task", dtype=torch.float64).solutions,
+        solve_subsets(balanced, SUBSETS, lam=0.1, weighting="sample", dtype=torch.float64).solutions,
         rtol=1e-9, atol=1e-12,
     )
 
@@ -238,7 +250,7 @@ def test_margin_mode_is_logistic_with_label_one():
         feats.task_names, "margin",
     )
     assert default_loss("margin") == "logistic"
-    res = gradex(margin, margin, SUBSETS, lam=0.2, keep_solutions=True)
+    res = gradex(margin, margin, SUBSETS, lam=0.2, keep_solutions=True, dtype=torch.float64)
     assert res.loss == "logistic"
     for j, z in enumerate(res.solutions):
         P = margin.outputs + margin.jacobians @ z
@@ -258,7 +270,7 @@ def test_agrees_with_sklearn_logistic_regression():
         feats.task_names, "logistic",
     )
     lam = 0.05
-    sol = solve_subsets(feats, SUBSETS, lam=lam)
+    sol = solve_subsets(feats, SUBSETS, lam=lam, dtype=torch.float64)
     tid = np.asarray(feats.task_ids)
     for j, row in enumerate(SUBSETS):
         w = ref_weights(row, tid, "task")
@@ -283,7 +295,7 @@ def test_agrees_with_sklearn_multinomial_regression():
     feats = HarvestedFeatures(np.zeros((n, C)), J, y, tid, ["a", "b", "c"], "logits")
     S = np.array([[1, 1, 1], [1, 0, 1]], dtype=bool)
     lam = 0.1
-    sol = solve_subsets(feats, S, lam=lam, weighting="sample")
+    sol = solve_subsets(feats, S, lam=lam, weighting="sample", dtype=torch.float64)
     for j, row in enumerate(S):
         sel = row[tid]
         clf = LogisticRegression(C=1 / (lam * sel.sum()), fit_intercept=False, tol=1e-10, max_iter=10000)
@@ -291,20 +303,42 @@ def test_agrees_with_sklearn_multinomial_regression():
         np.testing.assert_allclose(sol.solutions[j], clf.coef_.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_float32_close_to_float64():
-    feats = make_split("cross_entropy", seed=9)
-    r64 = gradex(feats, feats, SUBSETS, lam=0.05)
-    r32 = gradex(feats, feats, SUBSETS, lam=0.05, dtype=torch.float32)
-    assert r32.converged.all()
-    np.testing.assert_allclose(r32.losses, r64.losses, rtol=1e-4)
+@pytest.mark.parametrize("loss", ["cross_entropy", "logistic", "squared"])
+def test_default_auto_precision_close_to_float64(loss):
+    # dtype="auto" (the default) solves in float32 to a 1e-5 relative gradient tolerance
+    feats = make_split(loss, seed=9)
+    r64 = gradex(feats, feats, SUBSETS, lam=0.05, dtype=torch.float64, keep_solutions=True)
+    for dtype in ("auto", torch.float32):
+        r = gradex(feats, feats, SUBSETS, lam=0.05, dtype=dtype, keep_solutions=True)
+        assert r.converged.all()
+        np.testing.assert_allclose(r.losses, r64.losses, rtol=1e-5)
+        err = np.linalg.norm(r.solutions - r64.solutions, axis=1) / np.linalg.norm(r64.solutions, axis=1)
+        assert err.max() < 2e-5
+
+
+def test_auto_resolves_in_float64_what_float32_cannot():
+    # A tolerance below float32 round-off: float32 alone stalls and says so; "auto" finishes
+    # those subsets in float64 and lands on the float64 solution.
+    feats = make_split("cross_entropy", seed=25)
+    with pytest.warns(GradExConvergenceWarning):
+        r32 = gradex(feats, feats, SUBSETS, lam=0.05, tol=1e-9, dtype=torch.float32)
+    assert not r32.converged.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradExConvergenceWarning)
+        auto = gradex(feats, feats, SUBSETS, lam=0.05, tol=1e-9, keep_solutions=True)
+    assert auto.converged.all() and auto.extras["float64_resolved"] == len(SUBSETS)
+    r64 = gradex(feats, feats, SUBSETS, lam=0.05, tol=1e-9, dtype=torch.float64, keep_solutions=True)
+    np.testing.assert_allclose(auto.solutions, r64.solutions, rtol=1e-7, atol=1e-10)
 
 
 def test_unconverged_subsets_are_reported():
     feats = make_split("logistic", seed=10)
-    with pytest.warns(GradExConvergenceWarning, match="did not reach"):
-        sol = solve_subsets(feats, SUBSETS, lam=1e-3, max_iter=1)
-    assert not sol.converged.any()
-    assert (sol.n_iter == 1).all()
+    for dtype in (torch.float64, "auto"):
+        with pytest.warns(GradExConvergenceWarning, match="did not reach"):
+            sol = solve_subsets(feats, SUBSETS, lam=1e-3, max_iter=1, dtype=dtype)
+        assert not sol.converged.any()
+        # "auto" spends its max_iter steps in float32, then again in float64
+        assert (sol.n_iter == (1 if dtype == torch.float64 else 2)).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradExConvergenceWarning)
         assert solve_subsets(feats, SUBSETS, lam=1e-3).converged.all()
@@ -426,3 +460,17 @@ def test_error_mismatched_shapes_and_modes():
         gradex(logi, logi, SUBSETS, batch_size=0)
     with pytest.raises(TypeError, match="metric must be a callable"):
         gradex(logi, logi, SUBSETS, metric="accuracy")
+
+
+def test_read_only_memory_mapped_features(tmp_path):
+    # the feature store hands GradEx read-only memory maps: same answer as in-memory arrays
+    feats = make_split("logistic", seed=26)
+    path = tmp_path / "J.npy"
+    np.save(path, feats.jacobians.astype(np.float32))
+    mapped = _replace(feats, jacobians=np.load(path, mmap_mode="r"))
+    in_memory = _replace(feats, jacobians=feats.jacobians.astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = gradex(mapped, mapped, SUBSETS, lam=0.05)
+    b = gradex(in_memory, in_memory, SUBSETS, lam=0.05)
+    np.testing.assert_array_equal(a.losses, b.losses)
