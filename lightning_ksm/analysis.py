@@ -203,10 +203,18 @@ def report_from_losses(
     # 3. surrogate: fit quality on held-out subsets, then the final fit on all of them.
     start = time.perf_counter()
     kernel = KernelSurrogate(kernel=cfg.kernel, gamma=cfg.gamma, alpha=cfg.alpha)
-    quality = {
-        "kernel": holdout_quality(kernel, S, F, holdout=cfg.holdout, seed=cfg.seed),
-        "linear": holdout_quality(LinearSurrogate(), S, F, holdout=cfg.holdout, seed=cfg.seed),
-    }
+    notes = []
+    quality = {}
+    for name, est in (("kernel", kernel), ("linear", LinearSurrogate())):
+        try:
+            quality[name] = holdout_quality(est, S, F, holdout=cfg.holdout, seed=cfg.seed)
+        except ValueError as exc:
+            # Too few distinct subsets (or constant held-out outcomes) to measure the fit: the
+            # readouts are still computed, and the report says the fit quality is unknown.
+            quality[name] = {"heldout_lds": None, "heldout_residual_error": None,
+                             "n_train_subsets": None, "n_heldout_subsets": None}
+            if not notes:
+                notes.append(f"held-out fit quality could not be measured: {exc}")
     surrogate = kernel.fit(S, F)
     linear = LinearSurrogate().fit(S, F)
     timings["surrogate"] = time.perf_counter() - start
@@ -233,7 +241,6 @@ def report_from_losses(
             "exact": b.exact,
         })
     groups = []
-    notes = []
     if all(name in target_names for name in task_names):
         n_groups = cfg.n_groups or _default_groups(K)
         cols = np.array([target_names.index(name) for name in task_names])
@@ -265,7 +272,7 @@ def report_from_losses(
     if notes:
         fit_quality["notes"] = notes
     config_record = {"analysis": cfg.to_dict(), **(extra_config or {})}
-    return AttributionReport(
+    report = AttributionReport(
         task_names=task_names,
         target_names=target_names,
         scores=scores,
@@ -281,6 +288,9 @@ def report_from_losses(
                                         if extra_config and "projection_seed" in extra_config else {})},
         timings=timings,
     )
+    # Kept (not saved) for callers that want to predict more subsets, e.g. task selection.
+    report.surrogate_, report.linear_surrogate_ = surrogate, linear
+    return report
 
 
 def present_tasks_only(features: HarvestedFeatures) -> HarvestedFeatures:

@@ -32,8 +32,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .analysis import AnalysisConfig, run_analysis
-from .batch import BatchReader, describe
+from .analysis import AnalysisConfig
+from .batch import BatchReader
 from .harvest import harvest, projector_for_model, select_parameters
 from .store import FeatureStore
 

@@ -48,16 +48,14 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..analysis import AnalysisConfig, _default_groups
-from ..attribution import best_subset, cotraining_groups, ensemble_scores, interaction_matrix, loo_scores
-from ..evaluation import holdout_quality
+from ..analysis import AnalysisConfig
+from ..analysis import report_from_losses as _report_from_losses
 from ..features import HarvestedFeatures
 from ..gradex import solve_subsets
 from ..harvest import harvest, projector_for_model
 from ..projection import Projector
 from ..report import AttributionReport
 from ..subsets import sample_subsets
-from ..surrogates import KernelSurrogate, LinearSurrogate
 from .evaluate import rollout_returns
 
 __all__ = [
@@ -441,86 +439,19 @@ def report_from_losses(
     extra_config: Optional[dict] = None,
     extra_fit: Optional[dict] = None,
 ) -> AttributionReport:
-    """Steps 3-5 of :func:`lightning_ksm.run_analysis` on given losses ``F`` ``(m, T)`` of subsets ``S``.
-
-    Fits the kernel surrogate (and a linear one as the baseline), measures both on held-out
-    subsets, and reads out ensemble / leave-one-out / linear scores, interactions, best subsets
-    (each entry also lists the ``top_k`` partners by ensemble score) and co-training groups.
-    """
-    task_names, target_names = [str(t) for t in task_names], [str(t) for t in target_names]
-    S = np.asarray(S, dtype=bool)
-    F = np.asarray(F, dtype=np.float64)
-    K = len(task_names)
-    if S.shape[1] != K or F.shape != (len(S), len(target_names)):
-        raise ValueError(f"S {S.shape} and F {F.shape} do not match K={K} tasks and T={len(target_names)} targets")
-    timings = dict(timings or {})
-    start = time.perf_counter()
-    kernel = KernelSurrogate(kernel=config.kernel, gamma=config.gamma, alpha=config.alpha)
-    quality = {
-        "kernel": holdout_quality(kernel, S, F, holdout=config.holdout, seed=config.seed),
-        "linear": holdout_quality(LinearSurrogate(), S, F, holdout=config.holdout, seed=config.seed),
-    }
-    surrogate = kernel.fit(S, F)
-    linear = LinearSurrogate().fit(S, F)
-    timings["surrogate"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    scores = {
-        "ensemble": ensemble_scores(surrogate, n_samples=config.ensemble_samples, seed=config.seed),
-        "loo": loo_scores(surrogate),
-        "linear": -np.atleast_2d(linear.coef_).T.reshape(K, -1),
-    }
-    scores = {k: np.asarray(v).reshape(K, -1) for k, v in scores.items()}
-    partners = top_partners(scores["ensemble"], task_names, target_names, top_k)
-    full_loss = surrogate.predict(np.ones((1, K))).reshape(-1)
-    best = []
-    for t, name in enumerate(target_names):
-        b = best_subset(surrogate, size=config.best_subset_size, target=t, max_exact=config.max_exact, seed=config.seed)
-        best.append({
-            "target": name,
-            "size": len(b.tasks),
-            "tasks": [task_names[i] for i in b.tasks],
-            "predicted_loss": b.predicted_loss,
-            "full_set_loss": float(full_loss[t]),
-            "exact": b.exact,
-            "top_partners": [p for p, _ in partners[name]],
-            "top_partner_scores": [s for _, s in partners[name]],
-        })
-    groups, notes = [], []
-    if all(n in target_names for n in task_names):
-        cols = np.array([target_names.index(n) for n in task_names])
-        n_groups = config.n_groups or _default_groups(K)
-        for g in cotraining_groups(surrogate, n_groups, target_columns=cols, seed=config.seed,
-                                   ensemble_samples=config.ensemble_samples):
-            groups.append({
-                "tasks": [task_names[i] for i in g.tasks],
-                "predicted_loss": g.predicted_loss,
-                "member_losses": dict(zip([task_names[i] for i in g.tasks], g.member_losses)),
-                "all_tasks_loss": g.all_tasks_loss,
-            })
-    else:
-        notes.append("co-training groups need every source task to be a target task; they were skipped")
-    timings["readouts"] = time.perf_counter() - start
-    fit_quality = {
-        "heldout_lds": quality["kernel"]["heldout_lds"],
-        "heldout_residual_error": quality["kernel"]["heldout_residual_error"],
-        "linear_heldout_lds": quality["linear"]["heldout_lds"],
-        "linear_heldout_residual_error": quality["linear"]["heldout_residual_error"],
-        "n_train_subsets": quality["kernel"]["n_train_subsets"],
-        "n_heldout_subsets": quality["kernel"]["n_heldout_subsets"],
-        "surrogate": {"kernel": config.kernel, "gamma": surrogate.gamma_, "alpha": surrogate.alpha_},
+    """:func:`lightning_ksm.analysis.report_from_losses` on rollout losses, plus the paper's task
+    selection: each best-subset entry also lists the ``top_k`` co-training partners of its target
+    by ensemble score (``top_partners``, ``top_partner_scores``)."""
+    fit = {
         "gradex_loss": "squared (linearized actor update toward target actions); F = -mean episode return by rollouts",
         **(extra_fit or {}),
     }
-    if notes:
-        fit_quality["notes"] = notes
-    report = AttributionReport(
-        task_names=task_names, target_names=target_names, scores=scores, default_method="ensemble",
-        interactions=np.asarray(interaction_matrix(surrogate)).reshape(len(target_names), K, K), best_subsets=best, groups=groups, fit_quality=fit_quality,
-        subsets=S, losses=F, config={"analysis": config.to_dict(), **(extra_config or {})},
-        seeds={"analysis": config.seed}, timings=timings,
-    )
-    report.surrogate_, report.linear_surrogate_ = surrogate, linear  # for callers that predict more subsets
+    report = _report_from_losses(S, F, task_names, target_names, config, timings=timings,
+                                 extra_config=extra_config, extra_fit_quality=fit)
+    partners = top_partners(report.scores["ensemble"], report.task_names, report.target_names, top_k)
+    for entry in report.best_subsets:
+        entry["top_partners"] = [p for p, _ in partners[entry["target"]]]
+        entry["top_partner_scores"] = [float(v) for _, v in partners[entry["target"]]]
     return report
 
 
