@@ -271,18 +271,24 @@ class TaskAttributionMixin:
         self._resumed = True
 
     def _guard_stale_output(self, trainer) -> None:
-        """A fresh run must not mix its features with an earlier run's harvest in the same directory."""
-        stale = [p for p in (self.harvest_dir, os.path.join(self.output_dir, "w0.pt")) if os.path.exists(p)]
-        if not stale:
-            return
-        if not self.overwrite:
+        """A fresh run must not mix its features with an earlier run's harvest in the same directory.
+
+        Rank 0 decides and broadcasts, and every rank waits here, so no rank can see the snapshot
+        this run is about to write as a stale one.
+        """
+        stale = None
+        if trainer.is_global_zero:
+            candidates = (self.harvest_dir, os.path.join(self.output_dir, "w0.pt"))
+            stale = [os.path.basename(p) for p in candidates if os.path.exists(p)]
+        stale = trainer.strategy.broadcast(stale)
+        if stale and not self.overwrite:
             raise ValueError(
                 f"TaskAttribution output directory {self.output_dir} already holds an earlier run's "
-                f"{' and '.join(os.path.basename(p) for p in stale)}. Give this run its own dirpath, "
-                "resume the earlier run from its checkpoint (trainer.fit(..., ckpt_path=...)), or pass "
-                "overwrite=True to delete the old harvest, W0 and report"
+                f"{' and '.join(stale)}. Give this run its own dirpath, resume the earlier run from its "
+                "checkpoint (trainer.fit(..., ckpt_path=...)), or pass overwrite=True to delete the old "
+                "harvest, W0 and report"
             )
-        if trainer.is_global_zero:
+        if stale and trainer.is_global_zero:
             import shutil
 
             warnings.warn(f"TaskAttribution: overwrite=True, deleting the earlier harvest in {self.output_dir}", stacklevel=2)
@@ -290,7 +296,7 @@ class TaskAttributionMixin:
                 shutil.rmtree(path, ignore_errors=True)
             if os.path.exists(os.path.join(self.output_dir, "w0.pt")):
                 os.remove(os.path.join(self.output_dir, "w0.pt"))
-        trainer.strategy.barrier("ksm_overwrite")
+        trainer.strategy.barrier("ksm_guard")
 
     # -- snapshot -------------------------------------------------------------------------------
     def _take_snapshot(self, trainer, pl_module) -> None:
