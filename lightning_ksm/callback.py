@@ -69,8 +69,8 @@ class TaskAttributionMixin:
         output: ``"margin"`` (default; classification), ``"logits"``, ``"regression"``,
             ``"logistic"``, or a callable ``fn(outputs, labels) -> per-sample scalar``.
         forward_fn: ``fn(module, inputs) -> outputs``; default ``module(inputs)``.
-        n_subsets, subset_p, subset_size, lam, kernel, gamma, alpha, n_groups, best_subset_size,
-        seed: analysis settings, see :class:`lightning_ksm.analysis.AnalysisConfig`.
+        n_subsets, subset_p, subset_size, lam, weighting, kernel, gamma, alpha, n_groups,
+        best_subset_size, seed: analysis settings, see :class:`lightning_ksm.analysis.AnalysisConfig`.
         dirpath: output directory; default ``<logger log dir>/ksm`` or ``<default_root_dir>/ksm``.
         chunk_size: per-sample gradients held in memory at once during the harvest.
         harvest_batch_size: samples per stored shard (default: each dataloader's batch size).
@@ -108,6 +108,7 @@ class TaskAttributionMixin:
         subset_p: float = 0.75,
         subset_size: Optional[int] = None,
         lam: float = 1e-3,
+        weighting: str = "task",
         kernel: str = "rbf",
         gamma: Optional[float] = None,
         alpha: Optional[float] = None,
@@ -138,7 +139,7 @@ class TaskAttributionMixin:
             raise ValueError(f"output must be 'margin', 'logits', 'regression', 'logistic' or a callable, got {output!r}")
         self.output, self.forward_fn = output, forward_fn
         self.analysis = AnalysisConfig(
-            n_subsets=n_subsets, subset_p=subset_p, subset_size=subset_size, seed=seed, lam=lam,
+            n_subsets=n_subsets, subset_p=subset_p, subset_size=subset_size, seed=seed, lam=lam, weighting=weighting,
             kernel=kernel, gamma=gamma, alpha=alpha, n_groups=n_groups, best_subset_size=best_subset_size,
         )
         self.analysis.validate(None)  # settings that do not depend on the data fail here, not after training
