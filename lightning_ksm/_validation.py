@@ -58,3 +58,26 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return v
+
+
+def check_training_subsets(subsets) -> np.ndarray:
+    """Return subsets to train on as an (m, K) bool array: 2-D, 0/1, at least one row, and no empty
+    row (a subset with no task has nothing to train on). A 1-D array is one subset."""
+    S = np.asarray(subsets)
+    if S.ndim == 1:
+        S = S[None, :]
+    if S.ndim != 2:
+        raise ValueError(f"subsets must be a 2-D (n_subsets, n_tasks) 0/1 array, got shape {np.shape(subsets)}")
+    if S.shape[0] == 0:
+        raise ValueError("subsets has no rows; pass at least one subset")
+    if S.dtype != bool:
+        if S.dtype.kind not in "biuf" or not np.isin(S, (0, 1)).all():
+            raise ValueError("subsets must hold only 0/1 (or False/True) values")
+        S = S.astype(bool)
+    empty = np.flatnonzero(~S.any(axis=1))
+    if len(empty):
+        raise ValueError(
+            f"subset row {int(empty[0])} selects no task ({len(empty)} empty rows); every subset "
+            "needs at least one task to train on"
+        )
+    return S

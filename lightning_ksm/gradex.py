@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ._validation import check_training_subsets
 from .features import HarvestedFeatures
 
 __all__ = [
@@ -331,27 +332,11 @@ def _check_split(feats, split: str, loss: str) -> None:
 
 
 def _check_subsets(subsets, names: list) -> np.ndarray:
-    S = np.asarray(subsets)
-    if S.ndim == 1:
-        S = S[None, :]
-    if S.ndim != 2:
-        raise ValueError(f"subsets must be a 2-D (m, K) 0/1 array, got shape {np.shape(subsets)}")
-    if S.shape[0] == 0:
-        raise ValueError("subsets has no rows; pass at least one subset")
+    S = check_training_subsets(subsets)
     if S.shape[1] != len(names):
         raise ValueError(
             f"subsets has {S.shape[1]} columns but the source split has K = {len(names)} tasks "
             f"({names[:5]}{'...' if len(names) > 5 else ''}); one column per source task"
-        )
-    if S.dtype != bool:
-        if S.dtype.kind not in "biuf" or not np.isin(S, (0, 1)).all():
-            raise ValueError("subsets must hold only 0/1 (or False/True) values")
-        S = S.astype(bool)
-    empty = np.flatnonzero(~S.any(axis=1))
-    if len(empty):
-        raise ValueError(
-            f"subset row {int(empty[0])} selects no task ({len(empty)} empty rows); every subset "
-            "needs at least one task"
         )
     return S
 

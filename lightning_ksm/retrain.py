@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from sklearn.base import clone
 
+from ._validation import check_training_subsets
 from .metrics import lds, relative_error, residual_error
 
 __all__ = [
@@ -98,21 +99,7 @@ class RetrainResult:
 
 
 def _check_subsets(subsets, task_names) -> np.ndarray:
-    S = np.asarray(subsets)
-    if S.ndim != 2:
-        raise ValueError(f"subsets must be a 2-D (n_subsets, n_tasks) 0/1 array, got shape {S.shape}")
-    if S.shape[0] == 0:
-        raise ValueError("subsets has no rows; pass at least one subset")
-    if S.dtype != bool:
-        if S.dtype.kind not in "biuf" or not np.isin(S, (0, 1)).all():
-            raise ValueError("subsets must hold only 0/1 (or False/True) values")
-        S = S.astype(bool)
-    empty = np.flatnonzero(~S.any(axis=1))
-    if len(empty):
-        raise ValueError(
-            f"subset row {int(empty[0])} selects no task ({len(empty)} empty rows); every subset "
-            "needs at least one task to train on"
-        )
+    S = check_training_subsets(subsets)
     if task_names is not None and len(task_names) != S.shape[1]:
         raise ValueError(
             f"subsets has {S.shape[1]} columns but task_names has {len(task_names)} names; one column per task"
