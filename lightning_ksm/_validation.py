@@ -60,11 +60,11 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return v
 
 
-def check_training_subsets(subsets) -> np.ndarray:
+def check_training_subsets(subsets, *, allow_1d: bool = True) -> np.ndarray:
     """Return subsets to train on as an (m, K) bool array: 2-D, 0/1, at least one row, and no empty
-    row (a subset with no task has nothing to train on). A 1-D array is one subset."""
+    row (a subset with no task has nothing to train on). With ``allow_1d`` a 1-D array is one subset."""
     S = np.asarray(subsets)
-    if S.ndim == 1:
+    if S.ndim == 1 and allow_1d:
         S = S[None, :]
     if S.ndim != 2:
         raise ValueError(f"subsets must be a 2-D (n_subsets, n_tasks) 0/1 array, got shape {np.shape(subsets)}")

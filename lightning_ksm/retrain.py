@@ -99,7 +99,7 @@ class RetrainResult:
 
 
 def _check_subsets(subsets, task_names) -> np.ndarray:
-    S = check_training_subsets(subsets)
+    S = check_training_subsets(subsets, allow_1d=False)
     if task_names is not None and len(task_names) != S.shape[1]:
         raise ValueError(
             f"subsets has {S.shape[1]} columns but task_names has {len(task_names)} names; one column per task"
