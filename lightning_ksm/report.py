@@ -813,7 +813,7 @@ class AttributionReport:
             lines.append(header)
             for pos, (rank, (task, _v)) in enumerate(shown):
                 if hidden and pos == (int(max_rows) + 1) // 2:
-                    lines.append(f"  {'...':>4}  ({hidden} more tasks not shown; max_rows={max_rows})")
+                    lines.append(f"  {'...':>4}  ({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; max_rows={max_rows})")
                 k = self._task_pos[task]
                 vals = "".join(f"{_fmt(self.scores[m][k, t], '+.4g'):>{col_w}}" for m in methods)
                 lines.append(f"  {rank:>4}  {s(task):<{name_w}}{vals}")
@@ -831,7 +831,7 @@ class AttributionReport:
                 if "full_set_loss" in e:
                     extra = f" vs all tasks {_fmt(e['full_set_loss'])}"
                 lines.append(
-                    f"  target '{s(str(e['target']))}', {len(e['tasks'])} tasks: predicted loss "
+                    f"  target '{s(str(e['target']))}', {len(e['tasks'])} {'task' if len(e['tasks']) == 1 else 'tasks'}: predicted loss "
                     f"{_fmt(e.get('predicted_loss'))}{extra}{how}"
                 )
                 lines.append(f"    {{{', '.join(s(x) for x in e['tasks'])}}}")
