@@ -38,6 +38,7 @@ from _common import write_results  # noqa: E402
 
 from lightning_ksm.gradex import gradex  # noqa: E402
 from lightning_ksm.harvest import harvest, projector_for_model  # noqa: E402
+from lightning_ksm.retrain import proximal_finetune  # noqa: E402
 
 K = 8
 
@@ -84,19 +85,7 @@ def make_problem(n_per_task, hidden, seed):
 def finetune(model, W0, source, target, subset, lam, steps, lr):
     """Target loss after really fine-tuning from W0 on the subset."""
     X, Y, T = source
-    counts = torch.bincount(T, minlength=K).float()
-    s = torch.as_tensor(subset, dtype=torch.float32)
-    w = (s / (s.sum() * counts))[T]
-    params = {k: v.clone().requires_grad_(True) for k, v in W0.items()}
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        opt.zero_grad()
-        per_sample = torch.nn.functional.cross_entropy(functional_call(model, params, (X,)), Y, reduction="none")
-        prox = sum(((params[k] - W0[k]) ** 2).sum() for k in W0)
-        ((w * per_sample).sum() + 0.5 * lam * prox).backward()
-        opt.step()
-        sched.step()
+    params = proximal_finetune(model, W0, X, Y, T, subset, n_tasks=K, lam=lam, steps=steps, lr=lr)
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(functional_call(model, params, (target[0],)), target[1]).item()
 

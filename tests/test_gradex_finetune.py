@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from lightning_ksm.gradex import gradex
 from lightning_ksm.harvest import harvest, projector_for_model
+from lightning_ksm.retrain import proximal_finetune
 
 K = 8
 N_PER_TASK = 60
@@ -70,19 +71,7 @@ def _problem():
 def _finetune_target_loss(model, W0, source, target, subset):
     """Really fine-tune from W0 on the subset (task-weighted eq. 1 + proximal term)."""
     X, Y, T = source
-    counts = torch.bincount(T, minlength=K).float()
-    s = torch.as_tensor(subset, dtype=torch.float32)
-    w = (s / (s.sum() * counts))[T]
-    params = {k: v.clone().requires_grad_(True) for k, v in W0.items()}
-    opt = torch.optim.Adam(params.values(), lr=LR)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        per_sample = torch.nn.functional.cross_entropy(functional_call(model, params, (X,)), Y, reduction="none")
-        prox = sum(((params[k] - W0[k]) ** 2).sum() for k in W0)
-        ((w * per_sample).sum() + 0.5 * LAM * prox).backward()
-        opt.step()
-        sched.step()
+    params = proximal_finetune(model, W0, X, Y, T, subset, n_tasks=K, lam=LAM, steps=STEPS, lr=LR)
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(functional_call(model, params, (target[0],)), target[1]).item()
 
