@@ -1,0 +1,81 @@
+"""Atomic file writes, the one place the package writes files that a reader may open concurrently.
+
+A reader sees either the old file or the complete new one, never a torn one: data go to a
+temporary sibling (a hidden name, unique per process and call), are flushed and fsynced, and the
+temporary file is moved onto the final name with ``os.replace``. On any failure the temporary file
+is removed and the error propagates; the old file, if any, is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from typing import Any, Callable
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_torch_save",
+           "fsync_dir"]
+
+
+def _tmp_name(path: str) -> str:
+    directory, base = os.path.split(os.fspath(path))
+    return os.path.join(directory, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[io.BufferedWriter], Any], *, mode: int | None = 0o644) -> None:
+    """Write ``path`` through ``writer(binary_file)`` atomically.
+
+    ``mode``: the permission bits of the new file (default 0644: reports and harvests are meant to
+    be shared), or None to keep what the process's umask gives.
+    """
+    path = os.fspath(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, **kwargs) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda fh: fh.write(data), **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 1, **kwargs) -> None:
+    """Write ``data`` as UTF-8 JSON (NaN/inf refused: they are not JSON) atomically."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"), **kwargs)
+
+
+def atomic_save_npy(path: str | os.PathLike, array, **kwargs) -> None:
+    """Write a numpy array as ``.npy`` (no pickles) atomically."""
+    import numpy as np
+
+    atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False), **kwargs)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, **kwargs) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    atomic_write(path, lambda fh: torch.save(obj, fh), **kwargs)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the renames in ``directory`` durable; skipped where unsupported (e.g. Windows)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
