@@ -1,0 +1,276 @@
+"""Every setting of the pipeline, declared once: its default, its allowed values and its help.
+
+Two settings objects (dataclasses, JSON-able, stored in the report):
+
+- :class:`HarvestConfig`: what is harvested at W0 (parameters, output mode, projection, storage).
+- :class:`AnalysisConfig`: what happens after the harvest (subsets, GradEx, surrogate, readouts).
+
+Each field carries its metadata (``help``, a ``check`` and, for choices, ``choices``). The one
+``validate()`` of each object runs these checks; the Lightning callback, the command line and the RL
+adapter call it when they are constructed, so a bad setting fails before the first training step
+with a message that names the setting. The command line builds its options and the docs' option
+tables come from the same metadata (:func:`describe`).
+
+This module is a leaf: it imports nothing else of the package, so every layer may use it. The
+vocabularies of the engine (output modes, projections, losses, ...) are declared here too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from math import comb
+from typing import Any, Callable, Optional, Sequence, Union
+
+__all__ = [
+    "HarvestConfig",
+    "AnalysisConfig",
+    "describe",
+    "check_setting",
+    "OUTPUT_MODES",
+    "PROJECTIONS",
+    "LOSSES",
+    "WEIGHTINGS",
+    "KERNELS",
+    "JACOBIAN_DTYPES",
+]
+
+OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
+PROJECTIONS = ("sjlt", "gaussian", "rademacher", "identity")
+LOSSES = ("cross_entropy", "logistic", "squared")
+WEIGHTINGS = ("task", "sample")
+KERNELS = ("rbf", "poly", "linear")
+JACOBIAN_DTYPES = ("float32", "float16")
+
+
+# -- checks: each returns None or raises ValueError("<name> must ..., got ...") ----------------------
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and not isinstance(value, str)
+    except (TypeError, ValueError):
+        return False
+
+
+def int_at_least(low: int, *, optional: bool = False) -> Callable:
+    def check(name, value):
+        if value is None and optional:
+            return
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+    check.describe = f"integer >= {low}" + (", or None" if optional else "")
+    return check
+
+
+def positive_number(*, optional: bool = False) -> Callable:
+    def check(name, value):
+        if value is None and optional:
+            return
+        if not _is_number(value) or float(value) <= 0:
+            raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
+    check.describe = "number > 0" + (", or None" if optional else "")
+    return check
+
+
+def open_fraction(high: float = 1.0) -> Callable:
+    def check(name, value):
+        if not _is_number(value) or not 0 < float(value) < high:
+            raise ValueError(f"{name} must be a number in (0, {high:g}), got {value!r}")
+    check.describe = f"number in (0, {high:g})"
+    return check
+
+
+def one_of(choices: Sequence, *, optional: bool = False, callable_ok: bool = False) -> Callable:
+    def check(name, value):
+        if value is None and optional:
+            return
+        if callable_ok and callable(value):
+            return
+        if value not in choices:
+            extra = (" or None" if optional else "") + (" or a callable" if callable_ok else "")
+            raise ValueError(f"{name} must be one of {list(choices)}{extra}, got {value!r}")
+    check.describe = " | ".join(map(str, choices)) + (" | None" if optional else "") + (" | callable" if callable_ok else "")
+    return check
+
+
+def patterns(name, value):
+    if value is None:
+        return
+    if isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{name} must be a pattern string or a list of pattern strings, got {value!r}")
+
+
+patterns.describe = "glob / 're:' regex, or a list of them"
+
+
+def setting(default: Any, help: str, check: Callable, *, choices: Sequence | None = None) -> Any:
+    """A dataclass field with the metadata every layer reads (one declaration per setting)."""
+    meta = {"help": help, "check": check, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Settings:
+    """Shared behaviour of the settings dataclasses."""
+
+    _what = "setting"
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """Build from a dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls._what}(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, value, *, name: str = "config"):
+        """An instance from an instance, a dict of fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _check_fields(self) -> None:
+        for f in fields(self):
+            f.metadata["check"](f.name, getattr(self, f.name))
+
+
+def check_setting(cls, name: str, value) -> None:
+    """Check one setting of ``cls`` (e.g. an engine function's argument) with the same message."""
+    for f in fields(cls):
+        if f.name == name:
+            f.metadata["check"](name, value)
+            return
+    raise KeyError(f"{cls.__name__} has no setting {name!r}")
+
+
+@dataclass
+class HarvestConfig(_Settings):
+    """What is harvested at W0: which parameters, which output, which projection, how it is stored."""
+
+    _what = "harvest setting"
+
+    output: Union[str, Callable] = setting(
+        "margin", "model output linearized per sample: margin (log-odds of the true class), logits, "
+        "regression, logistic, or a callable fn(outputs, labels) -> one scalar per sample",
+        one_of(OUTPUT_MODES, callable_ok=True), choices=OUTPUT_MODES)
+    projection: str = setting(
+        "sjlt", "random projection of the per-sample gradients: sjlt (sparse sign sketch), gaussian, "
+        "rademacher, identity (no projection: tiny models only)", one_of(PROJECTIONS), choices=PROJECTIONS)
+    proj_dim: int = setting(256, "projection dimension k", int_at_least(1))
+    proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
+    include: Optional[list] = setting(
+        None, "parameter-name patterns to linearize (globs, or 're:' regexes); None: every trainable parameter",
+        patterns)
+    exclude: Optional[list] = setting(None, "parameter-name patterns to leave out", patterns)
+    chunk_size: int = setting(64, "per-sample gradients held in memory at once during the harvest", int_at_least(1))
+    harvest_batch_size: Optional[int] = setting(
+        None, "samples per stored shard; None: each dataloader's batch size", int_at_least(1, optional=True))
+    jacobian_dtype: str = setting("float32", "dtype of the projected Jacobians on disk", one_of(JACOBIAN_DTYPES),
+                                  choices=JACOBIAN_DTYPES)
+
+    def validate(self) -> None:
+        """Check every setting; raises ValueError naming the first bad one."""
+        self._check_fields()
+
+    @property
+    def output_name(self) -> str:
+        """The output mode's name as stored (``"custom"`` for a callable)."""
+        return self.output if isinstance(self.output, str) else "custom"
+
+    def record(self) -> dict:
+        """The JSON-able record of these settings (a callable output is recorded as "custom")."""
+        data = self.to_dict()
+        data["output"] = self.output_name
+        return data
+
+
+@dataclass
+class AnalysisConfig(_Settings):
+    """Settings of the analysis after the harvest: subsets, GradEx, surrogate, readouts.
+
+    The default ``subset_p`` 0.75 sits between the paper's 0.9 (modular arithmetic) and 0.7 (7 of 10
+    RL tasks): subsets stay close to the full mixture, where leave-one-out and interaction readouts
+    are evaluated, while every task is still left out often enough.
+    """
+
+    _what = "analysis setting"
+
+    # subsets
+    n_subsets: int = setting(200, "random task subsets solved by GradEx, the surrogate's training set",
+                             int_at_least(10))
+    subset_p: float = setting(0.75, "Bernoulli inclusion probability of each task in a subset "
+                              "(ignored when subset_size is set)", open_fraction())
+    subset_size: Optional[int] = setting(None, "exactly this many tasks per subset, instead of subset_p",
+                                         int_at_least(1, optional=True))
+    seed: int = setting(0, "seed of subset sampling, the held-out split and the readouts", int_at_least(0))
+    # GradEx
+    lam: float = setting(1e-3, "ridge strength of the linearized fine-tuning problem (docs/gradex.md)",
+                         positive_number())
+    loss: Optional[str] = setting(None, "GradEx loss; None: chosen from the harvest's output mode",
+                                  one_of(LOSSES, optional=True), choices=LOSSES)
+    weighting: str = setting("task", "task: every selected task weighs the same (paper eq. 1); sample: "
+                             "every sample does", one_of(WEIGHTINGS), choices=WEIGHTINGS)
+    # surrogate
+    kernel: str = setting("rbf", "surrogate kernel", one_of(KERNELS + ("polynomial",)), choices=KERNELS)
+    gamma: Optional[float] = setting(None, "kernel width (rbf) or scale (poly); None: selected by leave-one-out",
+                                     positive_number(optional=True))
+    alpha: Optional[float] = setting(None, "kernel ridge regularization; None: selected by leave-one-out",
+                                     positive_number(optional=True))
+    holdout: float = setting(0.2, "fraction of subsets held out to measure the surrogate's fit (held-out LDS)",
+                             open_fraction(0.9))
+    # readouts
+    ensemble_samples: int = setting(4000, "subsets sampled for the random-ensemble scores", int_at_least(1))
+    n_groups: Optional[int] = setting(None, "number of co-training groups; None: about sqrt(K / 2), at least 2",
+                                      int_at_least(1, optional=True))
+    best_subset_size: Optional[int] = setting(None, "size of the recommended subset per target; None: any size",
+                                              int_at_least(1, optional=True))
+    max_exact: int = setting(50_000, "search the best subset exhaustively up to this many candidates, "
+                             "else by local search", int_at_least(1))
+
+    def validate(self, n_tasks: int | None = None) -> None:
+        """Check every setting, and those bounded by the number of source tasks when it is known."""
+        self._check_fields()
+        if n_tasks is None:
+            return
+        if n_tasks < 2:
+            raise ValueError(f"task attribution needs at least 2 source tasks, the harvest has {n_tasks}")
+        for name in ("subset_size", "n_groups", "best_subset_size"):
+            value = getattr(self, name)
+            if value is not None and value > n_tasks:
+                raise ValueError(f"{name} must be between 1 and the number of tasks ({n_tasks}), got {value}")
+
+    def n_possible_subsets(self, n_tasks: int) -> int:
+        return comb(n_tasks, self.subset_size) if self.subset_size is not None else 2**n_tasks - 1
+
+
+def describe(cls) -> list[dict]:
+    """One row per setting of ``cls``: name, default, allowed values, help (for the CLI and the docs)."""
+    rows = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        rows.append({
+            "name": f.name,
+            "default": default,
+            "allowed": getattr(f.metadata["check"], "describe", ""),
+            "choices": f.metadata["choices"],
+            "help": f.metadata["help"],
+        })
+    return rows
