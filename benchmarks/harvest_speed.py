@@ -42,8 +42,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from lightning_ksm.harvest import exact_gradients, harvest, projector_for_model  # noqa: E402
-from lightning_ksm.projection import Projector, make_projector  # noqa: E402
+from lightning_ksm.harvesting import exact_gradients, harvest, projector_for_model  # noqa: E402
+from lightning_ksm.harvesting.projection import Projector, make_projector  # noqa: E402
 
 P = 97  # modulus; tokens 0..96 are numbers, 97 is the operator, 98 is "=", 99 unused
 VOCAB, D_MODEL, N_HEADS, D_MLP, N_LAYERS, SEQ = 100, 128, 4, 512, 2, 4

@@ -1,9 +1,12 @@
 """lightning-ksm: kernel surrogate models for task attribution (Zhang, Duan, Zhang, ICLR 2026).
 
-Public names: :func:`sample_subsets`, :class:`LinearSurrogate`, :class:`KernelSurrogate`,
-:func:`lds`, the readouts of :mod:`lightning_ksm.attribution`, :class:`AttributionReport`,
-:func:`run_analysis` / :func:`analyze_store`, and the Lightning callback :class:`TaskAttribution`
-(``lightning_ksm.pl.TaskAttribution`` for the ``pytorch_lightning`` namespace).
+Public names: the settings (:class:`HarvestConfig`, :class:`AnalysisConfig`), the harvest
+(:func:`harvest`, :class:`HarvestRunner`, :class:`FeatureStore`), GradEx (:func:`gradex`),
+:func:`sample_subsets`, :class:`LinearSurrogate`, :class:`KernelSurrogate`, :func:`lds`, the
+readouts of :mod:`lightning_ksm.readouts`, :class:`AttributionReport`, :func:`analyze` (with
+:func:`run_analysis` / :func:`analyze_store` / :func:`report_from_losses` for each kind of input),
+and the Lightning callback :class:`TaskAttribution` (``lightning_ksm.pl.TaskAttribution`` for the
+``pytorch_lightning`` namespace). The package layout: ``docs/architecture.md``.
 
 Names are imported on first use: ``import lightning_ksm`` stays cheap (the command line starts
 fast) and the engine never imports Lightning unless you ask for the callback.
@@ -14,6 +17,11 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "HarvestConfig": "config",
+    "AnalysisConfig": "config",
+    "harvest": "harvesting",
+    "HarvestRunner": "harvesting",
+    "gradex": "estimation",
     "sample_subsets": "subsets",
     "all_subsets": "subsets",
     "leave_one_out_subsets": "subsets",
@@ -24,13 +32,13 @@ _EXPORTS = {
     "pearson": "metrics",
     "residual_error": "metrics",
     "relative_error": "metrics",
-    "loo_scores": "attribution",
-    "ensemble_scores": "attribution",
-    "interaction_matrix": "attribution",
-    "best_subset": "attribution",
-    "cotraining_groups": "attribution",
+    "loo_scores": "readouts",
+    "ensemble_scores": "readouts",
+    "interaction_matrix": "readouts",
+    "best_subset": "readouts",
+    "cotraining_groups": "readouts",
     "AttributionReport": "report",
-    "AnalysisConfig": "analysis",
+    "analyze": "analysis",
     "run_analysis": "analysis",
     "analyze_store": "analysis",
     "report_from_losses": "analysis",

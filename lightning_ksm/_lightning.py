@@ -2,7 +2,7 @@
 
 from lightning.pytorch.callbacks import Callback
 
-from .callback import TaskAttributionMixin
+from .callbacks.task_attribution import TaskAttributionMixin
 
 
 class TaskAttribution(TaskAttributionMixin, Callback):

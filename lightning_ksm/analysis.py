@@ -8,113 +8,25 @@ never the model.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
-from math import comb
 
 import numpy as np
 
-from .attribution import (
+from .readouts import (
     best_subset,
     cotraining_groups,
     ensemble_scores,
     interaction_matrix,
     loo_scores,
 )
-from .evaluation import holdout_quality
+from .config import AnalysisConfig
+from .estimation import gradex
 from .features import HarvestedFeatures
-from .gradex import gradex
+from .quality import holdout_quality
 from .report import AttributionReport
 from .subsets import sample_subsets
 from .surrogates import KernelSurrogate, LinearSurrogate
 
-__all__ = ["AnalysisConfig", "run_analysis", "report_from_losses", "analyze_store", "present_tasks_only"]
-
-
-@dataclass
-class AnalysisConfig:
-    """Settings of the analysis after the harvest (all JSON-able; stored in the report).
-
-    Subsets:
-        n_subsets: number of random task subsets m solved by GradEx.
-        subset_p: Bernoulli inclusion probability of each task (ignored when ``subset_size`` is set).
-            The default 0.75 sits between the paper's 0.9 (modular arithmetic) and 0.7 (7 of 10 RL
-            tasks): subsets stay close to the full mixture, where leave-one-out and interaction
-            readouts are evaluated, while every task is still left out often enough.
-        subset_size: exact number of tasks per subset instead of ``subset_p``.
-        seed: seed of subset sampling, the held-out split and the ensemble readout.
-    GradEx:
-        lam: ridge strength of the linearized fine-tuning problem (see docs/gradex.md).
-        loss: "cross_entropy" / "logistic" / "squared"; None chooses from the output mode.
-        weighting: "task" (each selected task weighs the same, paper eq. 1) or "sample".
-    Surrogate:
-        kernel, gamma, alpha: passed to :class:`KernelSurrogate` (None = selected by leave-one-out).
-        holdout: fraction of subsets held out to report the surrogate's fit quality (LDS).
-    Readouts:
-        ensemble_samples: subsets sampled for the random-ensemble scores.
-        n_groups: co-training groups (None: about sqrt(K / 2), at least 2).
-        best_subset_size: size of the recommended subset per target (None: any size).
-        max_exact: enumerate all candidate subsets up to this many, else local search.
-    """
-
-    n_subsets: int = 200
-    subset_p: float = 0.75
-    subset_size: int | None = None
-    seed: int = 0
-    lam: float = 1e-3
-    loss: str | None = None
-    weighting: str = "task"
-    kernel: str = "rbf"
-    gamma: float | None = None
-    alpha: float | None = None
-    holdout: float = 0.2
-    ensemble_samples: int = 4000
-    n_groups: int | None = None
-    best_subset_size: int | None = None
-    max_exact: int = 50_000
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AnalysisConfig":
-        """Build from a dict, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown analysis setting(s) {unknown}; known settings: {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self, n_tasks: int | None) -> None:
-        """Check every setting (against the number of source tasks when known) before any work starts."""
-        if n_tasks is not None and n_tasks < 2:
-            raise ValueError(f"task attribution needs at least 2 source tasks, the harvest has {n_tasks}")
-        if self.weighting not in ("task", "sample"):
-            raise ValueError(f"weighting must be 'task' or 'sample', got {self.weighting!r}")
-        if self.kernel not in ("rbf", "poly", "polynomial", "linear"):
-            raise ValueError(f"kernel must be 'rbf', 'poly' or 'linear', got {self.kernel!r}")
-        if self.loss not in (None, "cross_entropy", "logistic", "squared"):
-            raise ValueError(f"loss must be None, 'cross_entropy', 'logistic' or 'squared', got {self.loss!r}")
-        if n_tasks is None:
-            n_tasks = 10**9  # only the checks that do not need K
-        if not isinstance(self.n_subsets, int) or self.n_subsets < 10:
-            raise ValueError(f"n_subsets must be an integer >= 10, got {self.n_subsets!r}")
-        if self.subset_size is not None and (not isinstance(self.subset_size, int) or not 1 <= self.subset_size <= n_tasks):
-            raise ValueError(f"subset_size must be between 1 and the number of tasks ({n_tasks}), got {self.subset_size}")
-        if self.subset_size is None and not 0 < self.subset_p < 1:
-            raise ValueError(f"subset_p must be in (0, 1), got {self.subset_p}")
-        if not 0 < self.holdout < 0.9:
-            raise ValueError(f"holdout must be a fraction in (0, 0.9), got {self.holdout}")
-        if self.lam <= 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
-        if self.n_groups is not None and not 1 <= self.n_groups <= n_tasks:
-            raise ValueError(f"n_groups must be between 1 and the number of tasks ({n_tasks}), got {self.n_groups}")
-        if self.best_subset_size is not None and not 1 <= self.best_subset_size <= n_tasks:
-            raise ValueError(
-                f"best_subset_size must be between 1 and the number of tasks ({n_tasks}), got {self.best_subset_size}"
-            )
-
-    def n_possible_subsets(self, n_tasks: int) -> int:
-        return comb(n_tasks, self.subset_size) if self.subset_size is not None else 2**n_tasks - 1
+__all__ = ["AnalysisConfig", "analyze", "run_analysis", "report_from_losses", "analyze_store", "present_tasks_only"]
 
 
 def _default_groups(K: int) -> int:
@@ -140,7 +52,7 @@ def run_analysis(
         extra_config: more JSON-able settings to record (e.g. the harvest's).
         progress: show progress bars.
     """
-    cfg = AnalysisConfig.from_dict(config) if isinstance(config, dict) else (config or AnalysisConfig())
+    cfg = AnalysisConfig.coerce(config)
     task_names = [str(t) for t in source.task_names]
     K = len(task_names)
     cfg.validate(K)
@@ -184,7 +96,7 @@ def report_from_losses(
     retraining or RL rollouts). The kernel surrogate (and, as a baseline, the linear one) is scored
     on held-out subsets, refitted on all of them, and read out into an :class:`AttributionReport`.
     """
-    cfg = AnalysisConfig.from_dict(config) if isinstance(config, dict) else (config or AnalysisConfig())
+    cfg = AnalysisConfig.coerce(config)
     task_names = [str(t) for t in task_names]
     target_names = [str(t) for t in target_names]
     K = len(task_names)
@@ -333,3 +245,53 @@ def analyze_store(
     extra["harvest"]["n_params"] = len(manifest.get("params", []))
     extra.update(extra_config or {})
     return run_analysis(source, target, config, timings=timings, extra_config=extra, progress=progress)
+
+
+def analyze(
+    data=None,
+    target: HarvestedFeatures | None = None,
+    config: AnalysisConfig | dict | None = None,
+    *,
+    subsets=None,
+    losses=None,
+    task_names=None,
+    target_names=None,
+    progress: bool = False,
+    timings: dict | None = None,
+    extra_config: dict | None = None,
+) -> AttributionReport:
+    """The one entry point of the analysis, from whatever the caller has:
+
+    - ``analyze(directory)``: a saved harvest (a feature store, or a callback's run directory that
+      holds ``harvest/``); the model is not needed.
+    - ``analyze(source_features, target_features)``: harvested features in memory (GradEx runs).
+    - ``analyze(subsets=S, losses=F, task_names=..., target_names=...)``: outcomes already measured
+      or estimated on subsets (real retraining, RL rollouts); GradEx does not run.
+
+    ``config``: an :class:`AnalysisConfig` or a dict of its fields. Returns the report.
+    """
+    import os
+
+    from .rundir import RunDirectory
+
+    options = dict(timings=timings, extra_config=extra_config)
+    if subsets is not None or losses is not None:
+        if data is not None or target is not None or subsets is None or losses is None:
+            raise ValueError("measured outcomes need subsets= and losses= (and no features or directory)")
+        if task_names is None or target_names is None:
+            raise ValueError("analyze(subsets=..., losses=...) needs task_names= and target_names=")
+        return report_from_losses(subsets, losses, task_names, target_names, config, **options)
+    if isinstance(data, (str, os.PathLike)):
+        directory = os.fspath(data)
+        run_harvest = RunDirectory(directory).harvest
+        if not os.path.exists(os.path.join(directory, "manifest.json")) and os.path.isdir(run_harvest):
+            directory = run_harvest
+        return analyze_store(directory, config, progress=progress, **options)
+    if isinstance(data, HarvestedFeatures):
+        if not isinstance(target, HarvestedFeatures):
+            raise ValueError("analyze(source_features, target_features): the target features are missing")
+        return run_analysis(data, target, config, progress=progress, **options)
+    raise TypeError(
+        "analyze() takes a harvest directory, (source, target) HarvestedFeatures, or subsets= and losses=; "
+        f"got {type(data).__name__}"
+    )

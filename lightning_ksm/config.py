@@ -28,6 +28,8 @@ __all__ = [
     "AnalysisConfig",
     "describe",
     "check_setting",
+    "setting",
+    "inherit",
     "OUTPUT_MODES",
     "PROJECTIONS",
     "LOSSES",
@@ -117,6 +119,15 @@ def setting(default: Any, help: str, check: Callable, *, choices: Sequence | Non
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def inherit(cls, name: str, default: Any = MISSING) -> Any:
+    """A field that reuses the declaration (help, check, choices) of ``cls.name``, optionally with
+    another default: how an adapter (the RL one) shares a setting without declaring it again."""
+    source = next(f for f in fields(cls) if f.name == name)
+    if default is MISSING:
+        default = source.default if source.default is not MISSING else source.default_factory()
+    return field(default=default, metadata=source.metadata)
 
 
 class _Settings:

@@ -20,7 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-OUTPUT_MODES = ("logits", "margin", "regression", "logistic", "custom")
+from .config import OUTPUT_MODES as _HARVEST_OUTPUTS
+
+OUTPUT_MODES = _HARVEST_OUTPUTS + ("custom",)  # "custom": a callable output
 
 
 @dataclass

@@ -7,7 +7,7 @@ and ``lightning_ksm.pl.TaskAttribution`` with ``pytorch_lightning``; both behave
 
 from pytorch_lightning.callbacks import Callback
 
-from .callback import TaskAttributionMixin
+from .callbacks.task_attribution import TaskAttributionMixin
 
 
 class TaskAttribution(TaskAttributionMixin, Callback):

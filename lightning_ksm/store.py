@@ -41,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .features import OUTPUT_MODES, HarvestedFeatures
+from .fileio import atomic_save_npy, atomic_write
 
 try:  # POSIX advisory locks; without them, only one writer process is safe.
     import fcntl
@@ -101,26 +102,6 @@ def _check_split(split: str) -> str:
 
 def _natural_key(text: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
-
-
-def _atomic_write_bytes(path: str, writer) -> None:
-    """Write via ``writer(file)`` into a temporary sibling, fsync, then ``os.replace`` onto ``path``."""
-    directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    _atomic_write_bytes(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 class FeatureStore:
@@ -195,7 +176,7 @@ class FeatureStore:
 
     def _write_manifest(self, data: dict) -> None:
         text = json.dumps(data, indent=1, sort_keys=False).encode("utf-8")
-        _atomic_write_bytes(self.manifest_path, lambda f: f.write(text))
+        atomic_write(self.manifest_path, lambda f: f.write(text), mode=None)
 
     def initialize(
         self,
@@ -373,7 +354,7 @@ class FeatureStore:
             raise ValueError(f"shard {key!r} of split {split!r} already exists (pass overwrite=True)")
         # Data files first (names are unique per key, so ranks never collide), the manifest last.
         for name, arr in arrays.items():
-            _save_npy(f"{prefix}.{name}.npy", arr)
+            atomic_save_npy(f"{prefix}.{name}.npy", arr, mode=None)
         record = {
             "key": key,
             "rows": n,

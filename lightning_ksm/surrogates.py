@@ -72,7 +72,7 @@ class LinearSurrogate(RegressorMixin, BaseEstimator):
             predicted loss, i.e. the task helps.
         intercept_: scalar or (T,).
         inclusion_rate_: fraction of tasks included in the training subsets (used by
-            :func:`lightning_ksm.attribution.ensemble_scores` to sample like the training design).
+            :func:`lightning_ksm.readouts.ensemble_scores` to sample like the training design).
     """
 
     def __init__(self, alpha: float = 0.0, fit_intercept: bool = True):

@@ -13,8 +13,8 @@ from lightning_ksm import (
     loo_scores,
     sample_subsets,
 )
-from lightning_ksm.attribution import task_affinity
-from lightning_ksm.evaluation import holdout_quality
+from lightning_ksm.readouts import task_affinity
+from lightning_ksm.quality import holdout_quality
 
 import planted
 

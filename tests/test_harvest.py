@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ksm.harvest import exact_gradients, harvest, projector_for_model, select_parameters
-from lightning_ksm.projection import make_projector
-from lightning_ksm.store import FeatureStore
+from lightning_ksm.harvesting import exact_gradients, harvest, projector_for_model, select_parameters
+from lightning_ksm.harvesting.projection import make_projector
 
 
 def _linear(n_in=3, n_out=4, seed=0):
@@ -227,42 +226,6 @@ def test_task_ids_pytree_inputs_forward_fn_and_sample_index():
     assert len(d.outputs) == 6
     order = [3, 1, 4, 2, 5, 0]  # positions in x of indices 0..5 (index 3 kept from the first batch)
     np.testing.assert_allclose(d.outputs, f.outputs[order])
-
-
-def test_store_streaming_two_ranks_resume_and_no_recompute(tmp_path):
-    torch.manual_seed(0)
-    model = _MLP()
-    x, y = _mlp_data(n=12)
-    tasks = [i % 4 for i in range(12)]
-    proj = projector_for_model(model, "sjlt", 8)
-    ref = harvest(model, [(x, y, tasks)], projector=proj)
-    store = FeatureStore(tmp_path / "feats")
-    calls = []
-
-    def fwd(m, inputs):
-        calls.append(1)
-        return m(inputs)
-
-    # rank r gets samples r, r+2, ... (DistributedSampler style), in batches of 3
-    for rank in (0, 1):
-        idx = np.arange(rank, 12, 2)
-        batches = [(x[idx[s:s + 3]], y[idx[s:s + 3]], [tasks[i] for i in idx[s:s + 3]], idx[s:s + 3])
-                   for s in range(0, 6, 3)]
-        summary = harvest(model, batches, projector=proj, store=store, rank=rank, forward_fn=fwd)
-        assert summary["rows_written"] == 6 and summary["batches_written"] == 2
-    loaded = store.load("source")
-    np.testing.assert_allclose(loaded.outputs, ref.outputs, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loaded.jacobians, ref.jacobians, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(loaded.task_ids, ref.task_ids)
-    calls.clear()
-    again = harvest(model, batches, projector=proj, store=store, rank=1, forward_fn=fwd)
-    assert again["batches_skipped"] == 2 and again["batches_written"] == 0 and not calls
-    shuffled = [(x[[5, 3, 1]], y[[5, 3, 1]], [1, 3, 1], [5, 3, 1])] + batches[1:]
-    with pytest.raises(ValueError, match="batch 0: shard '1-0' of split 'source' is already stored with other"):
-        harvest(model, shuffled, projector=proj, store=store, rank=1)
-    other = make_projector("sjlt", proj.param_shapes, 16)
-    with pytest.raises(ValueError, match="different k"):
-        harvest(model, batches, projector=other, store=store)
 
 
 class _Sqrt(nn.Module):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lightning_ksm.projection import (
+from lightning_ksm.harvesting.projection import (
     KINDS,
     make_projector,
     param_shapes_of,
@@ -115,7 +115,7 @@ def test_config_round_trip_through_json(kind):
 
 _CHILD = """
 import json, sys, torch
-from lightning_ksm.projection import projector_from_config
+from lightning_ksm.harvesting.projection import projector_from_config
 cfgs = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 out = []

@@ -29,7 +29,7 @@ _EXPORTS = {
     "SACModule": "sac",
     "evaluate_policy": "evaluate",
     "rollout_returns": "evaluate",
-    "RLAttributionConfig": "attribution",
+    "RLAttributionConfig": "config",
     "attribute_policy": "attribution",
     "harvest_policy_features": "attribution",
     "policy_params_from_solutions": "attribution",

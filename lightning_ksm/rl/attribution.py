@@ -42,20 +42,20 @@ Lightning import here.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..analysis import AnalysisConfig
+from ..config import AnalysisConfig
 from ..analysis import report_from_losses as _report_from_losses
 from ..features import HarvestedFeatures
-from ..gradex import solve_subsets
-from ..harvest import harvest, projector_for_model
-from ..projection import Projector
+from ..estimation import solve_subsets
+from ..harvesting import harvest, projector_for_model
+from ..harvesting.projection import Projector
 from ..report import AttributionReport
 from ..subsets import sample_subsets
+from .config import RLAttributionConfig
 from .evaluate import rollout_returns
 
 __all__ = [
@@ -69,102 +69,6 @@ __all__ = [
     "report_from_losses",
     "top_partners",
 ]
-
-
-@dataclass
-class RLAttributionConfig:
-    """Settings of the RL attribution (JSON-able; stored in the report).
-
-    Harvest: ``n_per_task`` replay transitions per source task (seeded by ``seed``);
-    ``projection`` / ``proj_dim`` / ``proj_seed`` of the actor's gradients; ``targets``: "policy"
-    (a later policy's actions; needs a ``teacher`` module), "critic" (one critic-gradient step) or
-    "auto" (policy when a teacher is given); ``action_step`` the critic step eta (action units,
-    actions lie in [-1, 1]).
-    GradEx: ``ridge``: lambda relative to the mean per-sample squared Jacobian norm / k (so it does
-    not depend on the projection's scale; the default 1.0 keeps the estimated policies in the
-    linear regime, see :meth:`PolicyGradEx.linearization_error`); ``weighting`` "task" or "sample".
-    Subsets: ``n_subsets`` random subsets, ``subset_size`` tasks each (default: round(0.7 K), the
-    paper's 7 of 10), or Bernoulli ``subset_p`` when ``subset_size`` is 0.
-    Rollouts: ``episodes`` per target task, seeded by ``rollout_seed``; ``max_episode_steps``
-    (None: the module's).
-    Surrogate and readouts: ``kernel``, ``gamma``, ``alpha``, ``holdout``, ``ensemble_samples``,
-    ``n_groups``, ``best_subset_size`` as in :class:`lightning_ksm.AnalysisConfig`; ``top_k``
-    co-training partners per target (the paper uses 3).
-    """
-
-    n_per_task: int = 256
-    targets: str = "auto"
-    projection: str = "gaussian"
-    proj_dim: int = 128
-    proj_seed: int = 0
-    action_step: float = 0.3
-    ridge: float = 1.0
-    weighting: str = "task"
-    n_subsets: int = 40
-    subset_size: Optional[int] = None
-    subset_p: float = 0.7
-    episodes: int = 1
-    rollout_seed: int = 0
-    max_episode_steps: Optional[int] = None
-    seed: int = 0
-    kernel: str = "rbf"
-    gamma: Optional[float] = None
-    alpha: Optional[float] = None
-    holdout: float = 0.2
-    ensemble_samples: int = 4000
-    n_groups: Optional[int] = None
-    best_subset_size: Optional[int] = None
-    top_k: int = 3
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RLAttributionConfig":
-        """Build from a dict, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RL attribution setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self, n_tasks: int) -> None:
-        """Check every setting against the number of source tasks before any work starts."""
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        if self.targets not in ("auto", "policy", "critic"):
-            raise ValueError(f"targets must be 'auto', 'policy' or 'critic', got {self.targets!r}")
-        for name in ("n_per_task", "proj_dim", "episodes", "top_k"):
-            positive_int(name)
-        if self.max_episode_steps is not None:
-            positive_int("max_episode_steps")
-        for name in ("action_step", "ridge"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if self.top_k >= n_tasks:
-            raise ValueError(f"top_k={self.top_k} partners need at least top_k + 1 = {self.top_k + 1} tasks, got {n_tasks}")
-        self.analysis_config(n_tasks, lam=1.0).validate(n_tasks)
-
-    def resolved_subset_size(self, n_tasks: int) -> Optional[int]:
-        """The number of tasks per subset (None: Bernoulli ``subset_p``)."""
-        if self.subset_size == 0:
-            return None
-        if self.subset_size is None:
-            return int(min(n_tasks - 1, max(1, round(0.7 * n_tasks))))
-        return int(self.subset_size)
-
-    def analysis_config(self, n_tasks: int, *, lam: float) -> AnalysisConfig:
-        """The engine's :class:`AnalysisConfig` with the shared settings (``lam`` absolute)."""
-        return AnalysisConfig(
-            n_subsets=self.n_subsets, subset_p=self.subset_p, subset_size=self.resolved_subset_size(n_tasks),
-            seed=self.seed, lam=float(lam), loss="squared", weighting=self.weighting, kernel=self.kernel,
-            gamma=self.gamma, alpha=self.alpha, holdout=self.holdout, ensemble_samples=self.ensemble_samples,
-            n_groups=self.n_groups, best_subset_size=self.best_subset_size,
-        )
 
 
 # -- 1. source features --------------------------------------------------------------------------

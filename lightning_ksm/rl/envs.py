@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..projection import stable_seed
+from ..harvesting.projection import stable_seed
 
 __all__ = [
     "MT10_TASKS",

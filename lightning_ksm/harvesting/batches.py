@@ -1,11 +1,16 @@
-"""Reading (inputs, labels, task ids) out of a user's batch: a dict key, a tuple position or a callable."""
+"""Batches for the harvest: reading (inputs, labels, task ids) out of a user's batch (a dict key, a
+tuple position or a callable), and walking a DataLoader's dataset in fixed, rank-sharded chunks."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
+import numpy as np
 import torch
+
+__all__ = ["BatchReader", "describe", "loader_chunks", "scan_task_ids", "as_loader_list", "to_device", "take",
+           "tolist"]
 
 Key = Union[str, int, Callable[[Any], Any], None]
 
@@ -109,3 +114,82 @@ class BatchReader:
                 f"the batch has {n} labels but {n_tasks} task ids; they must match (batch structure: {describe(batch)})"
             )
         return inputs, labels, tasks
+
+
+def as_loader_list(loaders, what: str) -> list:
+    """A list of DataLoaders from one loader, a list/tuple or a dict of them (``what`` names the data)."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    for dl in loaders:
+        if not hasattr(dl, "dataset"):
+            raise ValueError(f"the {what} data must be torch DataLoaders, got {type(dl).__name__}")
+    return list(loaders)
+
+
+def loader_chunks(loader, reader: BatchReader, *, rank: int = 0, world: int = 1, offset: int = 0,
+                  loader_no: int = 0, batch_size: int | None = None) -> Iterator:
+    """Yield ``(shard_key, global_index, batch)`` for this rank's share of ``loader``, in dataset order.
+
+    A map-style dataset is cut into fixed chunks of ``batch_size`` (default: the loader's) by
+    position, chunk c going to rank ``c % world``; ``batch`` is then a zero-argument callable that
+    collates the chunk (so a resumed harvest skips stored chunks without loading them). An iterable
+    dataset cannot be sharded by index: rank 0 reads it all, in the loader's batches. Keys are
+    stable for the same data and batch size, which is what resume relies on.
+    """
+    from torch.utils.data import IterableDataset
+
+    dataset, collate = loader.dataset, loader.collate_fn
+    size = batch_size or loader.batch_size or 32
+    if isinstance(dataset, IterableDataset):
+        if rank != 0:
+            return
+        seen = 0
+        for b, batch in enumerate(loader):
+            n = len(reader.read(batch)[1])
+            yield f"l{loader_no}-b{b}", np.arange(offset + seen, offset + seen + n), batch
+            seen += n
+        return
+    n = len(dataset)
+    for c, start in enumerate(range(0, n, size)):
+        if c % world != rank:
+            continue
+        idx = np.arange(start, min(start + size, n))
+        yield f"l{loader_no}-c{c}", offset + idx, (lambda idx=idx: collate([dataset[int(i)] for i in idx]))
+
+
+def scan_task_ids(loaders: Sequence, reader: BatchReader) -> list:
+    """Every task id in ``loaders`` (reading the data, not running the model), sorted like the store."""
+    seen = set()
+    for loader_no, loader in enumerate(loaders):
+        for _, _, batch in loader_chunks(loader, reader, loader_no=loader_no, batch_size=1024):
+            batch = batch() if callable(batch) else batch
+            seen.update(tolist(reader.read(batch)[2]))
+    return sorted(seen, key=lambda v: (isinstance(v, str), v))
+
+
+def tolist(task_ids) -> list:
+    return task_ids.tolist() if isinstance(task_ids, torch.Tensor) else list(task_ids)
+
+
+def take(inputs, sl):
+    """``inputs[sl]`` through dicts, lists and tuples of tensors."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[sl]
+    if isinstance(inputs, dict):
+        return {k: take(v, sl) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(take(v, sl) for v in inputs)
+    return inputs
+
+
+def to_device(obj, device):
+    """Move tensors (through dicts, lists and tuples) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

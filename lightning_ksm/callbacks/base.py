@@ -1,0 +1,137 @@
+"""What every attribution callback shares: the output directory, the W0 snapshot file, the resume
+state, rank-zero writes, and the end-of-fit analysis that never loses the harvest or the model.
+
+:class:`AttributionCallbackBase` uses only the trainer API common to ``lightning.pytorch`` and
+``pytorch_lightning``; the concrete callbacks mix it with either namespace's ``Callback``.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any, Callable, Optional
+
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
+from ..fileio import atomic_torch_save
+from ..rundir import RunDirectory
+from .loggers import log_report
+
+__all__ = ["AttributionCallbackBase", "STATE_VERSION"]
+
+STATE_VERSION = 1
+
+
+class AttributionCallbackBase:
+    """Shared lifecycle pieces (see the module docstring). Subclasses call :meth:`_resolve_output`
+    in ``setup``, :meth:`_save_w0` when they snapshot, and :meth:`_finish` at the end of fit."""
+
+    _name = "TaskAttribution"
+
+    def __init__(self, *, dirpath: Optional[str] = None, raise_on_analysis_error: bool = False) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.raise_on_analysis_error = bool(raise_on_analysis_error)
+        # Run state (what state_dict saves: paths and progress, never arrays).
+        self.output_dir: Optional[str] = None
+        self.w0_path: Optional[str] = None
+        self.report = None
+        self.analysis_error: Optional[BaseException] = None
+        self.timings: dict = {}
+        self._resumed = False
+
+    # -- where files go ---------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Optional[RunDirectory]:
+        return None if self.output_dir is None else RunDirectory(self.output_dir)
+
+    @property
+    def harvest_dir(self) -> Optional[str]:
+        """Where the harvest (a :class:`~lightning_ksm.store.FeatureStore`) is written."""
+        return None if self.output_dir is None else self.run_dir.harvest
+
+    @property
+    def report_dir(self) -> Optional[str]:
+        """Where the :class:`~lightning_ksm.report.AttributionReport` is written."""
+        return None if self.output_dir is None else self.run_dir.report
+
+    def _default_dir(self, trainer) -> str:
+        """``<first logger's log dir>/ksm``, or ``<default_root_dir>/ksm`` without a logger."""
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return RunDirectory.under(os.path.join(save_dir, str(logger.name), version)).root
+        return RunDirectory.under(trainer.default_root_dir).root
+
+    def _resolve_output(self, trainer) -> None:
+        # Resolved in setup; a resumed run keeps its checkpoint's directory (load_state_dict runs
+        # after setup), so nothing is created on disk yet.
+        if self.output_dir is None:
+            chosen = os.fspath(self.dirpath) if self.dirpath is not None else self._default_dir(trainer)
+            self.output_dir = trainer.strategy.broadcast(chosen)
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # Like ModelCheckpoint: two instances with other output directories keep separate states.
+        return self._generate_state_key(dirpath=None if self.dirpath is None else os.fspath(self.dirpath))
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "output_dir": self.output_dir, "w0_path": self.w0_path,
+                **self._extra_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"{self._name}: the checkpoint's callback state has version {version!r}, this lightning-ksm "
+                f"reads version {STATE_VERSION}; resume with the lightning-ksm that wrote it, or start a new run"
+            )
+        saved = state_dict.get("output_dir")
+        if self.dirpath is not None and saved is not None and os.path.abspath(os.fspath(self.dirpath)) != os.path.abspath(saved):
+            rank_zero_warn(
+                f"{self._name}: resuming keeps the checkpoint's output directory {saved} (its W0 and harvest "
+                f"belong to that run), not dirpath={os.fspath(self.dirpath)!r}"
+            )
+        self.output_dir = saved
+        self.w0_path = state_dict.get("w0_path")
+        self._load_extra_state(state_dict)
+        self._resumed = True
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state_dict: dict) -> None:
+        pass
+
+    # -- W0 ---------------------------------------------------------------------------------------
+    def _save_w0(self, trainer, state: Any) -> None:
+        """Write W0 to ``<output_dir>/w0.pt`` from rank 0 (atomically); every rank waits for it."""
+        self.w0_path = self.run_dir.w0
+        if trainer.is_global_zero:
+            os.makedirs(self.output_dir, exist_ok=True)
+            atomic_torch_save(state, self.w0_path)
+        trainer.strategy.barrier("ksm_snapshot")
+
+    # -- the end of fit ---------------------------------------------------------------------------
+    def _finish(self, trainer, compute: Callable[[], Any], *, rerun_hint: str, figures: bool | str = "auto") -> None:
+        """On rank 0: ``compute()`` the report, save it, log it; a failure warns (or raises with
+        ``raise_on_analysis_error``) and keeps everything already on disk. All ranks wait."""
+        if trainer.is_global_zero:
+            try:
+                report = compute()
+                report.save(self.report_dir, figures=figures)
+            except Exception as exc:  # keep the harvest and the trained model; say how to rerun
+                self.analysis_error = exc
+                message = (
+                    f"{self._name}: the post-training analysis failed ({type(exc).__name__}: {exc}). "
+                    f"{rerun_hint} The trained model is unaffected. Traceback:\n{traceback.format_exc()}"
+                )
+                if self.raise_on_analysis_error:
+                    raise RuntimeError(message) from exc
+                rank_zero_warn(message)
+            else:
+                self.report = report
+                log_report(trainer, report, self.report_dir)
+        trainer.strategy.barrier("ksm_analysis")

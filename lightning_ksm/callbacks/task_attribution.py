@@ -1,0 +1,342 @@
+"""The Lightning callback ``TaskAttribution``: it decides WHEN the engine runs and WHERE files go.
+
+Lifecycle during ``trainer.fit``:
+
+1. construction: every setting is checked (:mod:`lightning_ksm.config`); a bad one raises here.
+2. ``setup``: resolve the output directory (like ``ModelCheckpoint`` resolves ``dirpath``).
+3. ``on_train_start``: snapshot W0 (default) and probe the first source and target batches (task
+   ids readable, the output mode fits the model, gradients finite) and the settings that depend on
+   the number of tasks. Bad input fails here, before any training step.
+4. first real validation epoch after the snapshot (never the sanity check), or at the end of fit:
+   the :class:`~lightning_ksm.harvesting.runner.HarvestRunner` harvests per-sample outputs and
+   projected Jacobians at W0 into the feature store, sharded across DDP ranks. The model, its
+   optimizer, RNG states and logged metrics are untouched (W0 is evaluated functionally).
+5. ``on_fit_end``: rank 0 runs the analysis (:func:`lightning_ksm.analysis.analyze_store`), writes
+   the report and logs its scores to every logger. If the analysis fails, the harvest and the model
+   are kept and the warning says how to rerun it (``lightning-ksm analyze DIR``).
+
+The class here is namespace-independent; ``lightning_ksm.TaskAttribution`` (``lightning.pytorch``)
+and ``lightning_ksm.pl.TaskAttribution`` (``pytorch_lightning``) mix it with their ``Callback``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
+from ..config import AnalysisConfig, HarvestConfig
+from ..harvesting.batches import BatchReader, as_loader_list, scan_task_ids
+from ..harvesting.params import select_parameters
+from ..harvesting.runner import HarvestRunner
+from .base import AttributionCallbackBase
+
+__all__ = ["TaskAttributionMixin"]
+
+_HARVEST_FIELDS = {f.name for f in dataclasses.fields(HarvestConfig)}
+_ANALYSIS_FIELDS = {f.name for f in dataclasses.fields(AnalysisConfig)}
+
+
+def _with_overrides(cls, base, overrides: dict, name: str):
+    """``base`` (an instance, a dict or None) with the flat keyword arguments that were given."""
+    config = cls.coerce(base, name=name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config
+
+
+class TaskAttributionMixin(AttributionCallbackBase):
+    """Task attribution from one training run (namespace-independent core; see the module docs).
+
+    Args:
+        harvest: a :class:`~lightning_ksm.config.HarvestConfig` (or a dict of its fields): output
+            mode, projection, parameters, storage.
+        analysis: an :class:`~lightning_ksm.config.AnalysisConfig` (or a dict): subsets, GradEx,
+            surrogate, readouts.
+        output, projection, proj_dim, proj_seed, include, exclude, chunk_size, harvest_batch_size,
+        jacobian_dtype, n_subsets, subset_p, subset_size, seed, lam, loss, weighting, kernel, gamma,
+        alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact: the same settings
+            as flat keyword arguments (convenient in code and LightningCLI YAML); one given here
+            overrides the same field of ``harvest=`` / ``analysis=``. None: that object's value (the
+            default). Every setting's meaning, default and range: ``docs/callback.md``.
+        task_key, input_key, label_key: how to read task ids, model inputs and labels from a batch:
+            a dict key, a tuple position, or a callable ``fn(batch)``. Defaults: positions 2 / 0 / 1
+            of tuple batches; keys "task" / "x" / "y" (and common synonyms) of dict batches.
+        source: the source (training) data: ``"train"`` (the trainer's train dataloader) or a
+            ``DataLoader``.
+        target: the target data: ``"val"`` (every validation dataloader) or a ``DataLoader`` or a
+            list of them. Target groups are the task ids found there, plus "all".
+        snapshot: when to take W0: ``"fit_start"`` (default), ``"epoch:N"`` (at the start of epoch N),
+            or a path to a Lightning checkpoint whose ``state_dict`` holds W0.
+        forward_fn: ``fn(module, inputs) -> outputs``; default ``module(inputs)``.
+        task_names: the source task ids, if known; otherwise the source data's task ids are scanned
+            once (without the model) at train start.
+        dirpath: output directory; default ``<logger log dir>/ksm`` or ``<default_root_dir>/ksm``.
+        progress: show progress bars for the harvest and GradEx.
+        raise_on_analysis_error: re-raise an analysis failure instead of warning (the harvest is
+            kept either way).
+        overwrite: a fresh (not resumed) run whose output directory already holds an earlier run's
+            harvest fails at train start unless this is True, in which case the old harvest, W0 and
+            report are deleted first. Resuming from a checkpoint reuses the harvest on purpose.
+
+    After ``fit``, ``callback.report`` holds the :class:`AttributionReport` (rank 0) and
+    ``callback.report_dir`` its directory.
+    """
+
+    def __init__(
+        self,
+        *,
+        harvest: Union[HarvestConfig, dict, None] = None,
+        analysis: Union[AnalysisConfig, dict, None] = None,
+        task_key: Union[str, int, Callable, None] = None,
+        input_key: Union[str, int, Callable, None] = None,
+        label_key: Union[str, int, Callable, None] = None,
+        source: Any = "train",
+        target: Any = "val",
+        snapshot: str = "fit_start",
+        forward_fn: Optional[Callable] = None,
+        task_names: Optional[Sequence] = None,
+        dirpath: Optional[str] = None,
+        progress: bool = True,
+        raise_on_analysis_error: bool = False,
+        overwrite: bool = False,
+        # flat harvest settings (HarvestConfig)
+        output: Union[str, Callable, None] = None,
+        projection: Optional[str] = None,
+        proj_dim: Optional[int] = None,
+        proj_seed: Optional[int] = None,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        chunk_size: Optional[int] = None,
+        harvest_batch_size: Optional[int] = None,
+        jacobian_dtype: Optional[str] = None,
+        # flat analysis settings (AnalysisConfig)
+        n_subsets: Optional[int] = None,
+        subset_p: Optional[float] = None,
+        subset_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        lam: Optional[float] = None,
+        loss: Optional[str] = None,
+        weighting: Optional[str] = None,
+        kernel: Optional[str] = None,
+        gamma: Optional[float] = None,
+        alpha: Optional[float] = None,
+        holdout: Optional[float] = None,
+        ensemble_samples: Optional[int] = None,
+        n_groups: Optional[int] = None,
+        best_subset_size: Optional[int] = None,
+        max_exact: Optional[int] = None,
+    ) -> None:
+        super().__init__(dirpath=dirpath, raise_on_analysis_error=raise_on_analysis_error)
+        flat = dict(locals())
+        self.harvest = _with_overrides(HarvestConfig, harvest, {k: flat[k] for k in _HARVEST_FIELDS}, "harvest")
+        self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat[k] for k in _ANALYSIS_FIELDS}, "analysis")
+        self.task_names = list(task_names) if task_names is not None else None
+        # Every setting fails here, not after training (those bounded by K once K is known).
+        self.harvest.validate()
+        self.analysis.validate(len(set(self.task_names)) if self.task_names is not None else None)
+        self.reader = BatchReader(input_key=input_key, label_key=label_key, task_key=task_key)
+        if not (isinstance(source, str) and source == "train") and not hasattr(source, "dataset"):
+            raise ValueError(f"source must be 'train' or a DataLoader, got {source!r}")
+        if isinstance(target, str) and target != "val":
+            raise ValueError(f"target must be 'val', a DataLoader or a list of DataLoaders, got {target!r}")
+        self.source, self.target = source, target
+        self.snapshot = snapshot
+        self._snapshot_epoch = self._parse_snapshot(snapshot)
+        self.forward_fn = forward_fn
+        self.progress, self.overwrite = progress, overwrite
+        self.harvest_complete = False
+        self.shards_computed = 0  # shards harvested by this process (resume tests read it)
+        self._w0: Optional[dict] = None
+        self._param_names: Optional[list] = None
+        self._checked = False
+
+    # Read-only views of the harvest settings under their familiar names.
+    output = property(lambda self: self.harvest.output)
+    projection = property(lambda self: self.harvest.projection)
+    proj_dim = property(lambda self: self.harvest.proj_dim)
+    proj_seed = property(lambda self: self.harvest.proj_seed)
+    include = property(lambda self: self.harvest.include)
+    exclude = property(lambda self: self.harvest.exclude)
+
+    @staticmethod
+    def _parse_snapshot(snapshot: str) -> Optional[int]:
+        if not isinstance(snapshot, str):
+            raise ValueError(f"snapshot must be 'fit_start', 'epoch:N' or a checkpoint path, got {snapshot!r}")
+        if snapshot == "fit_start":
+            return 0
+        if snapshot.startswith("epoch:"):
+            try:
+                epoch = int(snapshot.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"snapshot 'epoch:N' needs an integer N, got {snapshot!r}") from None
+            if epoch < 0:
+                raise ValueError(f"snapshot epoch must be >= 0, got {epoch}")
+            return epoch
+        return None  # a checkpoint path
+
+    def _enabled(self, trainer) -> bool:
+        return not getattr(trainer, "fast_dev_run", False)
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self._enabled(trainer):
+            self._resolve_output(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self._enabled(trainer):
+            return
+        self._param_names = select_parameters(pl_module, include=self.include, exclude=self.exclude)
+        if not self._resumed:
+            self._guard_stale_output(trainer)
+        if self.w0_path is not None and os.path.exists(self.w0_path):
+            self._w0 = torch.load(self.w0_path, map_location="cpu", weights_only=True)
+        elif self._snapshot_epoch is None:
+            self._load_snapshot_checkpoint(pl_module)
+        elif self._snapshot_epoch == 0:
+            self._take_snapshot(trainer, pl_module)
+        if not self._checked:
+            self._check_first_batches(trainer, pl_module)
+            self._checked = True
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._enabled(trainer) and self._w0 is None and self._snapshot_epoch == trainer.current_epoch:
+            self._take_snapshot(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._enabled(trainer) or trainer.sanity_checking or not getattr(trainer, "training", True):
+            return
+        if self._w0 is not None and not self.harvest_complete:
+            self._run_harvest(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._enabled(trainer):
+            return
+        if self._w0 is None:
+            rank_zero_warn(f"TaskAttribution: no W0 snapshot was taken (snapshot={self.snapshot!r} never came); "
+                           "nothing to analyse")
+            return
+        if not self.harvest_complete:
+            self._run_harvest(trainer, pl_module)
+        from ..analysis import analyze_store
+
+        self._finish(
+            trainer,
+            lambda: analyze_store(self.harvest_dir, self.analysis, progress=self.progress, timings=self.timings,
+                                  extra_config=self._config_record()),
+            rerun_hint=(f"The harvest is kept in {self.harvest_dir}; rerun the analysis with "
+                        f"`lightning-ksm analyze {self.harvest_dir}` (or lightning_ksm.analyze_store)."),
+        )
+
+    def _extra_state(self) -> dict:
+        return {"harvest_complete": self.harvest_complete}
+
+    def _load_extra_state(self, state_dict: dict) -> None:
+        self.harvest_complete = bool(state_dict.get("harvest_complete", False))
+
+    def _guard_stale_output(self, trainer) -> None:
+        """A fresh run must not mix its features with an earlier run's harvest in the same directory.
+
+        Rank 0 decides and broadcasts, and every rank waits here, so no rank can see the snapshot
+        this run is about to write as a stale one.
+        """
+        stale = self.run_dir.earlier_run() if trainer.is_global_zero else None
+        stale = trainer.strategy.broadcast(stale)
+        if stale and not self.overwrite:
+            raise ValueError(
+                f"TaskAttribution output directory {self.output_dir} already holds an earlier run's "
+                f"{' and '.join(stale)}. Give this run its own dirpath, resume the earlier run from its "
+                "checkpoint (trainer.fit(..., ckpt_path=...)), or pass overwrite=True to delete the old "
+                "harvest, W0 and report"
+            )
+        if stale and trainer.is_global_zero:
+            rank_zero_warn(f"TaskAttribution: overwrite=True, deleting the earlier harvest in {self.output_dir}")
+            self.run_dir.clear()
+        trainer.strategy.barrier("ksm_guard")
+
+    # -- snapshot -------------------------------------------------------------------------------
+    def _take_snapshot(self, trainer, pl_module) -> None:
+        state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
+        state.update({n: b.detach().to("cpu", copy=True) for n, b in pl_module.named_buffers()})
+        self._w0 = state
+        self._save_w0(trainer, state)
+
+    def _load_snapshot_checkpoint(self, pl_module) -> None:
+        path = self.snapshot
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"snapshot checkpoint {path!r} does not exist (snapshot= expects 'fit_start', 'epoch:N' or a path)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"snapshot checkpoint {path!r} holds no state_dict")
+        own = dict(pl_module.named_parameters())
+        missing = [n for n in self._param_names if n not in state]
+        if missing:
+            raise ValueError(f"snapshot checkpoint {path!r} lacks parameter(s) {missing[:5]}")
+        bad = [n for n in self._param_names if tuple(state[n].shape) != tuple(own[n].shape)]
+        if bad:
+            raise ValueError(f"snapshot checkpoint {path!r} has other shapes for parameter(s) {bad[:5]}")
+        self._w0 = {n: t.detach().to("cpu", copy=True) for n, t in state.items() if isinstance(t, torch.Tensor)}
+        self.w0_path = os.path.abspath(path)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _plan(self, trainer) -> list:
+        """``[(split, loader), ...]``: the source loaders, then the target loaders."""
+        if isinstance(self.source, str):
+            source = trainer.train_dataloader
+            if source is None:
+                raise ValueError("TaskAttribution(source='train') found no train dataloader")
+        else:
+            source = self.source
+        if isinstance(self.target, str):
+            target = trainer.val_dataloaders
+            if target is None:
+                raise ValueError(
+                    "TaskAttribution(target='val') needs validation data: define val_dataloader / pass "
+                    "val_dataloaders to fit, or give target= a DataLoader"
+                )
+        else:
+            target = self.target
+        return ([("source", dl) for dl in as_loader_list(source, "source")]
+                + [("target", dl) for dl in as_loader_list(target, "target")])
+
+    def _runner(self, trainer, pl_module, weights=None) -> HarvestRunner:
+        return HarvestRunner(
+            pl_module, self.harvest_dir, config=self.harvest, reader=self.reader, weights=weights,
+            forward_fn=self.forward_fn, rank=trainer.global_rank, world=trainer.world_size,
+            progress=self.progress and trainer.is_global_zero, meta={"w0_path": self.w0_path},
+        )
+
+    def _check_first_batches(self, trainer, pl_module) -> None:
+        plan = self._plan(trainer)
+        if self.task_names is not None:
+            tasks = self.task_names
+        else:
+            tasks = scan_task_ids([dl for split, dl in plan if split == "source"], self.reader)
+        if len(set(tasks)) < 2:
+            raise ValueError(
+                f"task attribution needs at least 2 source tasks; the source data has task ids {list(tasks)} "
+                "(check task_key, or that every task is in the training data)"
+            )
+        self.analysis.validate(len(set(tasks)))  # settings bounded by K, before the first step
+        self._runner(trainer, pl_module).probe(plan)
+
+    # -- harvest --------------------------------------------------------------------------------
+    def _run_harvest(self, trainer, pl_module) -> None:
+        start = time.perf_counter()
+        runner = self._runner(trainer, pl_module, weights=self._w0)
+        if trainer.is_global_zero:
+            runner.initialize_store()
+        trainer.strategy.barrier("ksm_store_init")
+        runner.run(self._plan(trainer))
+        self.shards_computed += runner.shards_computed
+        trainer.strategy.barrier("ksm_harvest")
+        self.harvest_complete = True
+        self.timings["harvest"] = time.perf_counter() - start
+
+    def _config_record(self) -> dict:
+        return {"callback": {"snapshot": self.snapshot, **self.harvest.record()},
+                "projection_seed": self.proj_seed}

@@ -1,0 +1,168 @@
+"""The harvest runner: dataloaders -> fixed chunks -> projected Jacobians at W0 -> shards in a store.
+
+One resume design: a chunk's shard key depends only on the data (loader number, chunk number, see
+:func:`~lightning_ksm.harvesting.batches.loader_chunks`), so a rerun over the same data skips every
+chunk whose shard is stored, without loading it; a stored shard whose samples differ from the
+chunk's (the data changed) is an error. DDP: rank r harvests chunks ``c % world == r`` into the same
+store, and the store merges them by global sample index. Synchronising ranks (barriers) is the
+caller's job; the runner needs no Trainer and no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import HarvestConfig
+from ..store import FeatureStore
+from .batches import BatchReader, loader_chunks, take, to_device, tolist
+from .harvest import Harvester
+from .params import projector_for_model, select_parameters
+
+__all__ = ["HarvestRunner"]
+
+
+class HarvestRunner:
+    """Harvest ``plan`` = ``[(split, DataLoader), ...]`` of ``model`` at ``weights`` into ``store``.
+
+    Args:
+        model: the model (its current parameters are used where ``weights`` has no entry).
+        store: a :class:`~lightning_ksm.store.FeatureStore` or its directory.
+        config: the :class:`~lightning_ksm.config.HarvestConfig` (or a dict of its fields).
+        reader: how to read (inputs, labels, task ids) out of a batch.
+        weights: the W0 snapshot ``{name: tensor}`` (None: the model's current weights).
+        forward_fn: ``fn(model, inputs) -> outputs``; default ``model(inputs)``.
+        rank, world: this process's share of the chunks.
+        progress: show a progress bar (shards).
+        meta: extra JSON-able facts recorded in the store's manifest (e.g. the W0 path).
+
+    The parameter selection, the projector and the per-sample engine are set up once, here.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        store: FeatureStore | str,
+        *,
+        config: HarvestConfig | dict | None = None,
+        reader: BatchReader | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        forward_fn: Callable | None = None,
+        rank: int = 0,
+        world: int = 1,
+        progress: bool = False,
+        meta: dict | None = None,
+    ) -> None:
+        self.config = HarvestConfig.coerce(config)
+        self.config.validate()
+        if not isinstance(rank, int) or not isinstance(world, int) or not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank!r}, world={world!r}")
+        self.model, self.reader = model, reader or BatchReader()
+        self.store = store if isinstance(store, FeatureStore) else FeatureStore(store, dtype=self.config.jacobian_dtype)
+        self.rank, self.world, self.progress = rank, world, progress
+        self.forward_fn, self.weights, self.meta = forward_fn, weights, dict(meta or {})
+        self.params = select_parameters(model, include=self.config.include, exclude=self.config.exclude)
+        self.projector = projector_for_model(model, self.config.projection, self.config.proj_dim, self.config.proj_seed,
+                                             params=self.params)
+        self.shards_computed = 0
+        self.shards_skipped = 0
+        self._harvester: Harvester | None = None
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _make_harvester(self, weights) -> Harvester:
+        device = self.device
+        if weights is not None:
+            weights = {n: t.to(device) for n, t in weights.items()}
+        return Harvester(self.model, projector=self.projector, params=self.params, mode=self.config.output,
+                         weights=weights, forward_fn=self.forward_fn, chunk_size=self.config.chunk_size,
+                         device=device)
+
+    def probe(self, plan: Sequence[tuple]) -> None:
+        """Harvest two samples of each loader's first chunk at the current weights, discarding them.
+
+        Task ids are readable, the output mode fits the model's output, labels fit the mode and
+        gradients are finite: bad input fails here (before training) rather than after training.
+        """
+        harvester = self._make_harvester(None)
+        device = harvester.device
+        with harvester.session():
+            for split, loader in plan:
+                first = next(loader_chunks(loader, self.reader, batch_size=self.config.harvest_batch_size), None)
+                if first is None:
+                    raise ValueError(f"a {split} dataloader has no samples; every target group needs samples")
+                batch = first[2]() if callable(first[2]) else first[2]
+                inputs, labels, task_ids = self.reader.read(batch)
+                probe = slice(0, min(2, len(labels)))
+                harvester.batch((to_device(take(inputs, probe), device), to_device(labels[probe], device),
+                                 tolist(task_ids)[probe]))
+
+    def initialize_store(self) -> None:
+        """Create (or check against) the store's manifest: projector, output mode, parameters."""
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in set(self.params)}
+        self.store.initialize(projector_config=self.projector.config(), mode=self.config.output_name, params=shapes,
+                              meta={**self.meta, "projection_seed": self.config.proj_seed})
+
+    def run(self, plan: Sequence[tuple]) -> dict:
+        """Harvest this rank's chunks of every ``(split, loader)`` in ``plan`` that is not stored yet.
+
+        Sample indices are global per split: the loaders of one split follow each other. Returns
+        ``{"computed": shards written now, "skipped": shards found stored}``.
+        """
+        if self._harvester is None:  # the engine is set up once per harvest, not per batch
+            self._harvester = self._make_harvester(self.weights)
+        harvester, device = self._harvester, self._harvester.device
+        offsets: dict = {}
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="TaskAttribution harvest", unit="shard", leave=False)
+        try:
+            with harvester.session():
+                for loader_no, (split, loader) in enumerate(plan):
+                    offset = offsets.get(split, 0)
+                    for key, index, batch in loader_chunks(loader, self.reader, rank=self.rank, world=self.world,
+                                                           offset=offset, loader_no=loader_no,
+                                                           batch_size=self.config.harvest_batch_size):
+                        if self._stored(split, key, index):
+                            self.shards_skipped += 1
+                            continue
+                        batch = batch() if callable(batch) else batch
+                        inputs, labels, task_ids = self.reader.read(batch)
+                        feats = harvester.batch((to_device(inputs, device), to_device(labels, device),
+                                                 tolist(task_ids)))
+                        if feats is None:
+                            continue
+                        self.store.write_shard(
+                            split, key, outputs=feats.outputs, jacobians=feats.jacobians, labels=feats.labels,
+                            task_ids=feats.task_ids, task_values=feats.task_values, sample_index=index,
+                        )
+                        self.shards_computed += 1
+                        if bar is not None:
+                            bar.update(1)
+                    size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else 10**9
+                    offsets[split] = offset + size
+        finally:
+            if bar is not None:
+                bar.close()
+        return {"computed": self.shards_computed, "skipped": self.shards_skipped}
+
+    def _stored(self, split: str, key: str, index: np.ndarray) -> bool:
+        info = self.store.shard_info(split, key)
+        if info is None:
+            return False
+        stored = self.store.shard_index(split, key)
+        if info["rows"] != len(index) or (stored is not None and not np.array_equal(stored, index)):
+            raise ValueError(
+                f"shard {key!r} of split {split!r} is already stored with other samples ({info['rows']} rows, "
+                f"this chunk has {len(index)}): the data or harvest_batch_size changed since the harvest "
+                "was written; harvest into a new directory (or pass overwrite=True to the callback)"
+            )
+        return True
