@@ -23,7 +23,7 @@ import pytest
 
 from lightning_ksm import AnalysisConfig, AttributionReport, analyze_store
 from lightning_ksm import analysis as analysis_module
-from lightning_ksm import cli
+from lightning_ksm import cli, config
 from lightning_ksm.cli import main
 from lightning_ksm.store import FeatureStore
 
@@ -243,16 +243,66 @@ def test_analyze_bad_directories_and_config_files(ksm, tmp_path, capsys, no_anal
     assert code == 2 and "not valid JSON" in err
 
 
-def test_every_analysis_setting_has_an_option():
-    from lightning_ksm import gradex, surrogates
+def _analysis_flags() -> list:
+    """The option of every AnalysisConfig field, from the one source of the settings (config)."""
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config.AnalysisConfig)]
 
-    assert set(cli._BY_FIELD) == {f.name for f in dataclasses.fields(AnalysisConfig)}
-    assert cli._LOSSES == gradex.LOSSES and cli._WEIGHTINGS == gradex.WEIGHTINGS
-    assert set(cli._KERNELS) <= set(surrogates._KERNELS)
+
+def test_every_analysis_setting_has_an_option():
+    from lightning_ksm import surrogates
+
+    # the public AnalysisConfig and config's have the same fields
+    assert {f.name for f in dataclasses.fields(config.AnalysisConfig)} == {f.name for f in dataclasses.fields(AnalysisConfig)}
     parser = cli.build_parser()
     analyze = parser._subparsers._group_actions[0].choices["analyze"]
-    flags = {s for a in analyze._actions for s in a.option_strings}
-    assert {s.flag for s in cli._SETTINGS} <= flags
+    by_dest = {a.dest: a for a in analyze._actions if a.option_strings}
+    for f, flag in zip(dataclasses.fields(config.AnalysisConfig), _analysis_flags()):
+        assert flag in by_dest[f.name].option_strings
+    # the choices shown come from config
+    assert by_dest["loss"].metavar == "{" + ",".join(config.LOSSES + ("auto",)) + "}"
+    assert by_dest["weighting"].metavar == "{" + ",".join(config.WEIGHTINGS) + "}"
+    assert by_dest["kernel"].metavar == "{" + ",".join(config.KERNELS) + "}"
+    assert set(config.KERNELS) <= set(surrogates._KERNELS)
+    # the help is config's, with the default
+    assert "surrogate kernel (default: rbf)" in by_dest["kernel"].help
+    assert by_dest["n_subsets"].help.startswith(config.describe(config.AnalysisConfig)[0]["help"])
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("seed", "x"), ("gamma", "-1"), ("alpha", "0"), ("best_subset_size", "0"), ("kernel", "foo"),
+     ("n_subsets", "2.5"), ("lam", "nan")],
+)
+def test_bad_values_exit_2_and_name_the_setting(ksm, tmp_path, capsys, no_analysis, name, value):
+    flag = "--" + name.replace("_", "-")
+    code, _, err = _run(capsys, "analyze", ksm, flag, value)
+    assert code == 2
+    assert f"argument {flag}: {name} must " in err  # config's message, after the flag
+    # the same value from a --config file: the same check, naming the file and the setting
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({name: value}))
+    code, _, err = _run(capsys, "analyze", ksm, "--config", settings)
+    assert code == 2
+    assert "--config" in err and f"setting {name!r}: {name} must " in err
+
+
+def test_config_values_are_typed_like_options(ksm, tmp_path, capsys, monkeypatch):
+    """JSON numbers, 'auto' strings and null in a --config file read like the options."""
+    seen = {}
+
+    def stop(directory, cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(analysis_module, "analyze_store", stop)
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"n_subsets": 20.0, "lam": 1, "gamma": "auto", "alpha": None, "kernel": "RBF"}))
+    code, _, err = _run(capsys, "analyze", ksm, "--config", settings, "--seed", "3", "--n-groups", "auto")
+    assert code == 2 and "stop here" in err
+    cfg = seen["cfg"]
+    assert (cfg.n_subsets, cfg.lam, cfg.gamma, cfg.alpha, cfg.kernel, cfg.seed, cfg.n_groups) == (
+        20, 1.0, None, None, "rbf", 3, None)
+    assert type(cfg.n_subsets) is int and type(cfg.lam) is float
 
 
 # -- show ----------------------------------------------------------------------------------------
@@ -333,6 +383,10 @@ def test_show_errors_list_what_exists(with_report, tmp_path, capsys):
     assert code == 2 and "report-x" in err
     code, _, err = _run(capsys, "show", with_report, "--rows", "0")
     assert code == 2 and "--rows" in err
+    code, text, _ = _run(capsys, "show", with_report / "report-x", "--rows", "all")
+    assert code == 0 and "more tasks not shown" not in text
+    code, _, err = _run(capsys, "show", with_report, "--rows", "many")
+    assert code == 2 and "--rows" in err
     (with_report / "report-x" / "report.json").write_text("{broken")
     code, _, err = _run(capsys, "show", with_report / "report-x")
     assert code == 2 and "report.json" in err
@@ -346,13 +400,19 @@ def test_help_and_version_in_process(capsys):
     assert code == 0 and re.fullmatch(r"lightning-ksm \d+\.\d+\.\d+\S*\n", out)
     code, out, _ = _run(capsys, "analyze", "--help")
     assert code == 0
-    for flag in ["--out", "--force", "--config", "--progress", *(s.flag for s in cli._SETTINGS)]:
+    for flag in ["--out", "--force", "--config", "--progress", *_analysis_flags()]:
         assert flag in out
     assert "score > 0" in out and "< 0: synergy" in out and "examples:" in out
     code, out, _ = _run(capsys, "show", "--help")
     assert code == 0 and "--json" in out and "score > 0" in out and "examples:" in out
     code, _, err = _run(capsys)
     assert code == 2 and "COMMAND" in err
+
+
+def test_python_dash_m():
+    res = subprocess.run([sys.executable, "-m", "lightning_ksm.cli", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("lightning-ksm "), res.stderr
 
 
 def test_console_script_help_and_no_lightning_import(with_report):
