@@ -22,6 +22,8 @@ import numpy as np
 
 from .config import OUTPUT_MODES as _HARVEST_OUTPUTS
 
+__all__ = ["HarvestedFeatures", "OUTPUT_MODES"]
+
 OUTPUT_MODES = _HARVEST_OUTPUTS + ("custom",)  # "custom": a callable output
 
 

@@ -16,7 +16,12 @@ import uuid
 from typing import Any, Callable
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_torch_save",
-           "fsync_dir"]
+           "fsync_dir", "exclusive_lock"]
+
+try:  # POSIX advisory locks; without them, only one writer process is safe.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def _tmp_name(path: str) -> str:
@@ -79,3 +84,17 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block, so
+    that processes (e.g. DDP ranks) updating one file take turns."""
+    with open(os.fspath(path), "a+") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

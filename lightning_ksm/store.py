@@ -41,12 +41,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .features import OUTPUT_MODES, HarvestedFeatures
-from .fileio import atomic_save_npy, atomic_write
+from .fileio import atomic_save_npy, atomic_write, exclusive_lock
+from .task_ids import canonical_task_names, dedup_positions, normalize_task_id
 
-try:  # POSIX advisory locks; without them, only one writer process is safe.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 FORMAT_NAME = "lightning-ksm-features"
 FORMAT_VERSION = 1
@@ -55,26 +52,8 @@ _ARRAYS = ("outputs", "jacobians", "labels", "task_ids")
 _SAFE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _DTYPES = ("float32", "float16")
 
-
-def canonical_task_names(values: Iterable[Any]) -> list:
-    """Sorted unique task ids: ints in numeric order, then strings in lexicographic order."""
-    uniq = {normalize_task_id(v) for v in values}
-    return sorted(uniq, key=lambda v: (isinstance(v, str), v))
-
-
-def normalize_task_id(value: Any) -> int | str:
-    """A task id as a plain ``int`` or ``str`` (numpy/torch scalars converted); others are rejected."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (str, np.str_)):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise TypeError(f"task ids must be ints or strings, got {value!r} ({type(value).__name__})")
+__all__ = ["FeatureStore", "shard_key", "canonical_task_names", "normalize_task_id", "dedup_positions", "FORMAT_NAME",
+           "FORMAT_VERSION", "MANIFEST"]
 
 
 def shard_key(key: Any) -> str:
@@ -162,17 +141,9 @@ class FeatureStore:
         """On-disk dtype of the Jacobians."""
         return self.manifest()["dtype"] if self.exists() else (self._dtype or "float32")
 
-    @contextlib.contextmanager
     def _locked(self):
         os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, ".manifest.lock"), "a+") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return exclusive_lock(os.path.join(self.directory, ".manifest.lock"))
 
     def _write_manifest(self, data: dict) -> None:
         text = json.dumps(data, indent=1, sort_keys=False).encode("utf-8")
@@ -513,12 +484,6 @@ class FeatureStore:
                         os.remove(path)
                         removed.append(path)
         return removed
-
-
-def dedup_positions(index: np.ndarray) -> np.ndarray:
-    """Positions of the first occurrence of each distinct value of ``index``, ordered by value."""
-    _, first = np.unique(np.asarray(index), return_index=True)
-    return first
 
 
 def _all_shards(data: dict) -> list:

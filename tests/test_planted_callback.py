@@ -1,4 +1,4 @@
-"""End to end on the planted problem (lightning_ksm.examples): real retraining confirms the planted
+"""End to end on the planted problem (lightning_ksm.demo.planted): real retraining confirms the planted
 task effects, and the TaskAttribution callback's report (GradEx -> kernel surrogate) recovers them:
 the helper and the synergistic pair score > 0, the label-noise task scores lowest (< 0), and the
 strongest interaction for the target is the planted pair (synergy, < 0).
@@ -16,7 +16,7 @@ import torch
 from scipy.stats import spearmanr
 
 from lightning_ksm import AttributionReport
-from lightning_ksm.examples import (
+from lightning_ksm.demo.planted import (
     SYNERGY_PAIR,
     TARGET,
     TASKS,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AnalysisConfig
+from ..rundir import RunDirectory
 from ._base import PROG, CLIError
 from .options import analysis_options, option_for
 
@@ -25,11 +26,12 @@ def _find_harvest(directory: str) -> Path:
         raise CLIError(f"DIR {directory!r} is not a directory")
     if (path / "manifest.json").is_file():
         return path
-    if (path / "harvest" / "manifest.json").is_file():
-        return path / "harvest"
+    run_harvest = Path(RunDirectory(path).harvest)
+    if (run_harvest / "manifest.json").is_file():
+        return run_harvest
     raise CLIError(
         f"no harvest in DIR {directory!r}: expected {str(path / 'manifest.json')!r} (a harvest "
-        f"directory) or {str(path / 'harvest' / 'manifest.json')!r} (a TaskAttribution output directory)"
+        f"directory) or {str(run_harvest / 'manifest.json')!r} (a TaskAttribution output directory)"
     )
 
 
@@ -159,7 +161,7 @@ def _carried_config(harvest_dir: Path) -> dict:
     from ..report import AttributionReport
 
     try:
-        config = AttributionReport.load(harvest_dir.parent / "report").config
+        config = AttributionReport.load(RunDirectory(harvest_dir.parent).report).config
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to carry over
         return {}
     if not isinstance(config, dict):

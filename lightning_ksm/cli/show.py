@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..rundir import RunDirectory
 from ._base import CLIError
 
 __all__ = ["run_show", "parse_rows"]
@@ -38,14 +39,15 @@ def _find_report(directory: str) -> Path:
         raise CLIError(f"DIR {directory!r} is not a directory")
     if (path / "report.json").is_file():
         return path
-    if (path / "report" / "report.json").is_file():
-        return path / "report"
+    run_report = Path(RunDirectory(path).report)
+    if (run_report / "report.json").is_file():
+        return run_report
     others = sorted(p.parent.name for p in path.glob("report*/report.json"))
     if others:
         raise CLIError(f"no report in DIR {directory!r} itself; reports found under it: {others} (pass one of them)")
     raise CLIError(
         f"no report in DIR {directory!r}: expected {str(path / 'report.json')!r} (a report directory) "
-        f"or {str(path / 'report' / 'report.json')!r} (a TaskAttribution output directory)"
+        f"or {str(run_report / 'report.json')!r} (a TaskAttribution output directory)"
     )
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import OUTPUT_MODES, HarvestConfig
 from ..features import HarvestedFeatures
-from ..store import canonical_task_names, dedup_positions, normalize_task_id
+from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
 from .engine import Engine, prepare_tensor, tree_leaves, tree_map
 from .outputs import check_labels, check_outputs, stored_labels
 from .params import select_parameters

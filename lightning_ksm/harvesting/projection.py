@@ -35,6 +35,9 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 _DENSE_BLOCK_ENTRIES = 2**22
 _SJLT_BLOCK_COLUMNS = 2**20
 KINDS = ("gaussian", "rademacher", "sjlt", "identity")
+
+__all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
+           "make_projector", "projector_from_config", "param_shapes_of", "stable_seed", "KINDS"]
 _ALIASES = {"none": "identity", "dense": "gaussian", "countsketch": "sjlt"}
 
 

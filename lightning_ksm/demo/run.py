@@ -1,7 +1,7 @@
 """``make demo`` / ``python -m lightning_ksm.demo``: task attribution from one real training run.
 
 A small MLP is fine-tuned with Lightning on the planted multi-task problem of
-:mod:`lightning_ksm.examples` (six source tasks with known effects on a held-out target task: a
+:mod:`lightning_ksm.demo.planted` (six source tasks with known effects on a held-out target task: a
 helper, a label-noise task, a pair that only helps together, two neutral tasks), with the
 :class:`~lightning_ksm.TaskAttribution` callback attached. The callback snapshots W0, harvests
 per-sample gradients after the first epoch, and after training runs GradEx and the kernel surrogate
@@ -19,14 +19,13 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
 
 import numpy as np
 
-from . import (
+from .. import (
     KernelSurrogate,
     LinearSurrogate,
     best_subset,
@@ -36,6 +35,9 @@ from . import (
     loo_scores,
     sample_subsets,
 )
+from ..rundir import RunDirectory
+
+__all__ = ["main", "planted_demo", "synthetic_demo"]
 
 TASKS = ["helper-a", "helper-b", "noisy-labels", "pair-left", "pair-right", "neutral-1", "neutral-2", "neutral-3"]
 
@@ -102,11 +104,12 @@ _MARKER = ".lightning-ksm-demo"
 
 
 def _prepare_out(out: str) -> None:
-    """Create the output directory and remove a harvest an earlier demo run left there.
+    """Create the output directory and remove what an earlier demo run left there.
 
-    The callback resumes any compatible feature store it finds in its directory, so a stale one
-    would be analysed as if it were this run's. Only directories the demo created (they hold a
-    marker file) are cleaned; a non-empty directory without the marker is refused.
+    The callback refuses a directory that holds an earlier run's harvest or W0 (they would be mixed
+    with this run's), so the demo clears its own earlier run (harvest, W0, report) first. Only
+    directories the demo created (they hold a marker file) are cleaned; a non-empty directory
+    without the marker is refused.
     """
     os.makedirs(out, exist_ok=True)
     marker = os.path.join(out, _MARKER)
@@ -114,9 +117,7 @@ def _prepare_out(out: str) -> None:
         if os.listdir(out):
             raise SystemExit(f"--out {out} is not empty and was not made by this demo; choose another directory")
         open(marker, "w").close()
-    harvest = os.path.join(out, "harvest")
-    if os.path.isdir(harvest):
-        shutil.rmtree(harvest)
+    RunDirectory(out).clear()
 
 
 def planted_demo(out: str = "demo_output", *, epochs: int = 10, n_subsets: int = 100, seed: int = 0,
@@ -150,8 +151,8 @@ def _run(out: str, *, epochs: int, n_subsets: int, seed: int, verify: bool, prog
     import lightning.pytorch as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from . import TaskAttribution
-    from .examples import ROLES, SYNERGY_PAIR, TARGET, ground_truth, make_planted_problem, planted_module
+    from .. import TaskAttribution
+    from .planted import ROLES, SYNERGY_PAIR, TARGET, ground_truth, make_planted_problem, planted_module
 
     problem = make_planted_problem(seed=seed)
     print("lightning-ksm demo: which training tasks help the target task?\n")
@@ -233,7 +234,3 @@ def main(argv=None) -> None:
         synthetic_demo(seed=args.seed)
         return
     planted_demo(args.out, epochs=args.epochs, n_subsets=args.n_subsets, seed=args.seed, verify=not args.no_verify)
-
-
-if __name__ == "__main__":
-    main()

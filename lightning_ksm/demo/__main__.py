@@ -1,0 +1,5 @@
+"""``python -m lightning_ksm.demo``."""
+
+from .run import main
+
+main()
