@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_ksm.report import AttributionReport, collect_versions
-from lightning_ksm.report_html import diverging_color
+from lightning_ksm.report.html import diverging_color
 
 EVIL = "<script>alert(1)</script>"
 QUOTED = "say \"hi\" & 'bye', ok"
