@@ -53,9 +53,9 @@ class RunDirectory:
         """Names of an earlier run's files here (``harvest``, ``w0.pt``), if any."""
         return [os.path.basename(p) for p in (self.harvest, self.w0) if os.path.exists(p)]
 
-    def clear(self) -> None:
-        """Delete the harvest, the report and W0 (the directory itself and other files stay)."""
-        for path in (self.harvest, self.report):
+    def clear(self, *, report: bool = True) -> None:
+        """Delete the harvest, W0 and (unless ``report=False``) the report; other files stay."""
+        for path in (self.harvest, self.report) if report else (self.harvest,):
             shutil.rmtree(path, ignore_errors=True)
         if os.path.exists(self.w0):
             os.remove(self.w0)

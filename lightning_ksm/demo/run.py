@@ -107,7 +107,8 @@ def _prepare_out(out: str) -> None:
     """Create the output directory and remove what an earlier demo run left there.
 
     The callback refuses a directory that holds an earlier run's harvest or W0 (they would be mixed
-    with this run's), so the demo clears its own earlier run (harvest, W0, report) first. Only
+    with this run's), so the demo clears its own earlier harvest and W0 first (the earlier report
+    stays until this run's replaces it). Only
     directories the demo created (they hold a marker file) are cleaned; a non-empty directory
     without the marker is refused.
     """
@@ -117,7 +118,7 @@ def _prepare_out(out: str) -> None:
         if os.listdir(out):
             raise SystemExit(f"--out {out} is not empty and was not made by this demo; choose another directory")
         open(marker, "w").close()
-    RunDirectory(out).clear()
+    RunDirectory(out).clear(report=False)
 
 
 def planted_demo(out: str = "demo_output", *, epochs: int = 10, n_subsets: int = 100, seed: int = 0,
