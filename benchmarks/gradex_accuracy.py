@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 
 from _common import write_results  # noqa: E402
 
-from lightning_ksm.gradex import gradex  # noqa: E402
+from lightning_ksm.estimation import gradex  # noqa: E402
 from lightning_ksm.harvest import harvest, projector_for_model  # noqa: E402
 from lightning_ksm.retrain import proximal_finetune  # noqa: E402
 

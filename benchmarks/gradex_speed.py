@@ -66,7 +66,7 @@ sys.path.insert(0, HERE)
 from _common import write_results  # noqa: E402
 
 from lightning_ksm.features import HarvestedFeatures  # noqa: E402
-from lightning_ksm.gradex import gradex, subset_sample_weights  # noqa: E402
+from lightning_ksm.estimation import gradex, subset_sample_weights  # noqa: E402
 
 
 def make_problem(n, K, k, n_target, offsets, seed):

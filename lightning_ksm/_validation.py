@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
+__all__ = ["check_int", "check_positive", "check_subset_matrix", "check_targets", "check_training_subsets"]
 
-def check_subset_matrix(S, *, name: str = "S", n_tasks: int | None = None, min_rows: int = 1) -> np.ndarray:
-    """Return ``S`` as a float64 (m, K) 0/1 matrix, or raise a ValueError naming the problem."""
+
+def check_subset_matrix(
+    S,
+    *,
+    name: str = "S",
+    n_tasks: Optional[int] = None,
+    columns_of: Optional[str] = None,
+    min_rows: int = 1,
+    min_tasks: int = 2,
+    allow_1d: bool = False,
+    nonempty_rows: bool = False,
+) -> np.ndarray:
+    """Return ``S`` as a float64 (m, K) 0/1 matrix, or raise a ValueError naming the problem.
+
+    The one check of a subset matrix. ``n_tasks``: the number of columns it must have, with
+    ``columns_of`` saying where that number comes from (default: the model was fitted on that many
+    tasks). ``allow_1d``: a 1-D array is one subset. ``nonempty_rows``: every subset must select a
+    task (a subset to train on).
+    """
     arr = np.asarray(S)
+    if arr.ndim == 1 and allow_1d:
+        arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be a 2-D (n_subsets, n_tasks) 0/1 array, got an array of shape {arr.shape}"
@@ -24,13 +46,37 @@ def check_subset_matrix(S, *, name: str = "S", n_tasks: int | None = None, min_r
             raise ValueError(
                 f"{name} must be binary (0/1 task indicators); {name}[{i}, {j}] = {arr[i, j]!r}"
             )
-    if arr.shape[1] < 2:
-        raise ValueError(f"{name} has {arr.shape[1]} task column(s); task attribution needs at least 2 tasks")
+    if arr.shape[1] < min_tasks:
+        raise ValueError(
+            f"{name} has {arr.shape[1]} task column(s); task attribution needs at least {min_tasks} "
+            f"task{'' if min_tasks == 1 else 's'}"
+        )
     if n_tasks is not None and arr.shape[1] != n_tasks:
-        raise ValueError(f"{name} has {arr.shape[1]} task columns but the model was fitted on {n_tasks} tasks")
+        against = columns_of or f"the model was fitted on {n_tasks} tasks"
+        raise ValueError(f"{name} has {arr.shape[1]} columns but {against}; one column per task")
     if arr.shape[0] < min_rows:
         raise ValueError(f"{name} has {arr.shape[0]} subsets (rows); at least {min_rows} are needed")
+    if nonempty_rows:
+        empty = np.flatnonzero(~arr.any(axis=1))
+        if len(empty):
+            raise ValueError(
+                f"subset row {int(empty[0])} selects no task ({len(empty)} empty rows); every subset "
+                "needs at least one task to train on"
+            )
     return arr
+
+
+def check_training_subsets(
+    subsets, *, allow_1d: bool = True, n_tasks: Optional[int] = None, columns_of: Optional[str] = None
+) -> np.ndarray:
+    """Return subsets to train on as an (m, K) bool array: :func:`check_subset_matrix` with at least
+    one row, one task column and no empty row (a subset with no task has nothing to train on). With
+    ``allow_1d`` a 1-D array is one subset."""
+    S = check_subset_matrix(
+        subsets, name="subsets", n_tasks=n_tasks, columns_of=columns_of, min_tasks=1, allow_1d=allow_1d,
+        nonempty_rows=True,
+    )
+    return S.astype(bool)
 
 
 def check_targets(y, n_rows: int, *, name: str = "y") -> np.ndarray:
@@ -60,24 +106,8 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return v
 
 
-def check_training_subsets(subsets, *, allow_1d: bool = True) -> np.ndarray:
-    """Return subsets to train on as an (m, K) bool array: 2-D, 0/1, at least one row, and no empty
-    row (a subset with no task has nothing to train on). With ``allow_1d`` a 1-D array is one subset."""
-    S = np.asarray(subsets)
-    if S.ndim == 1 and allow_1d:
-        S = S[None, :]
-    if S.ndim != 2:
-        raise ValueError(f"subsets must be a 2-D (n_subsets, n_tasks) 0/1 array, got shape {np.shape(subsets)}")
-    if S.shape[0] == 0:
-        raise ValueError("subsets has no rows; pass at least one subset")
-    if S.dtype != bool:
-        if S.dtype.kind not in "biuf" or not np.isin(S, (0, 1)).all():
-            raise ValueError("subsets must hold only 0/1 (or False/True) values")
-        S = S.astype(bool)
-    empty = np.flatnonzero(~S.any(axis=1))
-    if len(empty):
-        raise ValueError(
-            f"subset row {int(empty[0])} selects no task ({len(empty)} empty rows); every subset "
-            "needs at least one task to train on"
-        )
-    return S
+def check_int(name: str, value, minimum: int) -> int:
+    """An integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -426,7 +426,7 @@ def evaluation_subsets(cfg: RecipeConfig, seed: int) -> np.ndarray:
 def run_one(cfg: RecipeConfig, op: str, seed: int, out_dir: str, *, log=print) -> dict:
     """The whole pipeline for one operation and seed; resumable through files in ``out_dir``."""
     from lightning_ksm.analysis import present_tasks_only
-    from lightning_ksm.gradex import gradex
+    from lightning_ksm.estimation import gradex
     from lightning_ksm.report import AttributionReport
     from lightning_ksm.store import FeatureStore
 

@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, logsumexp, softmax
 
 from lightning_ksm.features import HarvestedFeatures
-from lightning_ksm.gradex import (
+from lightning_ksm.estimation import (
     GradExConvergenceWarning,
     default_loss,
     gradex,

@@ -17,7 +17,7 @@ import torch
 from scipy.stats import spearmanr
 from torch.func import functional_call
 
-from lightning_ksm.gradex import gradex
+from lightning_ksm.estimation import gradex
 from lightning_ksm.harvest import harvest, projector_for_model
 from lightning_ksm.retrain import proximal_finetune
 
