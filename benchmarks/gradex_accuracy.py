@@ -8,7 +8,7 @@ label-noise level; the target is a region between tasks 1 and 2. F(s) is the tar
 cross-entropy after fine-tuning.
 
 GradEx estimates F^(s) from features harvested once at W0 with ``lightning_ksm.harvest`` and the
-seeded projectors of ``lightning_ksm.projection`` (``gaussian`` and ``sjlt``; 3 projection seeds
+seeded projectors of ``lightning_ksm.harvesting.projection`` (``gaussian`` and ``sjlt``; 3 projection seeds
 each) for k in {32, 64, 128, 256, 512}, and with exact Jacobians (identity projector, k = d).
 Reported per (lam, projector, k): the median over subsets of |F^ - F| / F and the Spearman
 correlation across subsets, averaged over seeds (min and max too), plus the GradEx time.
@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 from _common import write_results  # noqa: E402
 
 from lightning_ksm.estimation import gradex  # noqa: E402
-from lightning_ksm.harvest import harvest, projector_for_model  # noqa: E402
+from lightning_ksm.harvesting import harvest, projector_for_model  # noqa: E402
 from lightning_ksm.retrain import proximal_finetune  # noqa: E402
 
 K = 8
@@ -91,7 +91,7 @@ def finetune(model, W0, source, target, subset, lam, steps, lr):
 
 
 def harvest_pair(model, source, target, kind, k, seed):
-    projector = projector_for_model(model, kind=kind, k=k, seed=seed)
+    projector = projector_for_model(model, projection=kind, k=k, seed=seed)
     X, Y, T = source
     src = harvest(model, [(X, Y, T)], projector=projector, mode="logits", task_names=list(range(K)))
     tgt = harvest(model, [(target[0], target[1], torch.zeros(len(target[1]), dtype=torch.long))],
@@ -168,7 +168,7 @@ def main(argv=None):
             "model": f"MLP 2-{args.hidden}-{args.hidden}-2 tanh", "d": d, "K": K, "m": args.m,
             "n_per_task": args.n_per_task, "n_target": int(len(target[1])),
             "finetune": f"full-batch Adam lr={args.lr} cosine, {args.steps} steps, task-weighted CE + lam/2|W-W0|^2",
-            "harvest": "lightning_ksm.harvest(mode='logits') with lightning_ksm.projection projectors "
+            "harvest": "lightning_ksm.harvest(mode='logits') with lightning_ksm.harvesting.projection projectors "
                        "(identity = exact Jacobians, k = d)",
             "gradex": "defaults (dtype='auto', task weighting, cross-entropy), same lam as the fine-tuning",
             "torch_threads": args.threads,

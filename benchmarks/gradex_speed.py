@@ -95,7 +95,7 @@ def make_harvested_problem(n, K, k, n_target, seed):
     """Real projected gradients: an MLP 16-64-64-1 pretrained on pooled data, harvested at W0 in
     ``logistic`` mode with the package's SJLT projector. Tasks are input clusters with their own
     labelling rules. Returns source/target features with the model's real offsets f0."""
-    from lightning_ksm.harvest import harvest, projector_for_model
+    from lightning_ksm.harvesting import harvest, projector_for_model
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def make_harvested_problem(n, K, k, n_target, seed):
         opt.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(model(pre_x)[:, 0], pre_y).backward()
         opt.step()
-    projector = projector_for_model(model, kind="sjlt", k=k, seed=seed)
+    projector = projector_for_model(model, projection="sjlt", k=k, seed=seed)
     names = [f"task{t}" for t in range(K)]
 
     def feats(x, y, t):

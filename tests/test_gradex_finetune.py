@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from torch.func import functional_call
 
 from lightning_ksm.estimation import gradex
-from lightning_ksm.harvest import harvest, projector_for_model
+from lightning_ksm.harvesting import harvest, projector_for_model
 from lightning_ksm.retrain import proximal_finetune
 
 K = 8
@@ -93,7 +93,7 @@ def finetuned():
 
 
 def _harvest(model, source, target, kind, k, mode):
-    projector = projector_for_model(model, kind=kind, k=k, seed=0)
+    projector = projector_for_model(model, projection=kind, k=k, seed=0)
     X, Y, T = source
     src = harvest(model, [(X, Y, T)], projector=projector, mode=mode, task_names=list(range(K)))
     tgt = harvest(model, [(target[0], target[1], torch.zeros(len(target[1]), dtype=torch.long))],

@@ -18,7 +18,7 @@ pytest.importorskip("metaworld")
 pytest.importorskip("lightning")
 
 from lightning_ksm.features import HarvestedFeatures  # noqa: E402
-from lightning_ksm.projection import make_projector  # noqa: E402
+from lightning_ksm.harvesting.projection import make_projector  # noqa: E402
 from lightning_ksm.rl import (  # noqa: E402
     MT10_TASKS,
     Actor,

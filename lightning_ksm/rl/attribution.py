@@ -18,9 +18,9 @@ give, and measures it by short rollouts, without training on s:
      ``action_step`` is in action units). Needs no later weights, but relies on the snapshot
      critic's action gradients, which early in training can point the wrong way (docs/rl.md).
 
-   The engine's :func:`~lightning_ksm.harvest.harvest` gives the projected Jacobians of ``a0``
+   The engine's :func:`~lightning_ksm.harvesting.harvest` gives the projected Jacobians of ``a0``
    with respect to the actor's weights (mode ``"logits"``: one row per action coordinate).
-2. **GradEx** (:func:`~lightning_ksm.gradex.solve_subsets`, squared loss): the linearized actor
+2. **GradEx** (:func:`~lightning_ksm.estimation.solve_subsets`, squared loss): the linearized actor
    update of each subset, ``Z_s = argmin sum_t a_st sum_i |a0_i + J_i z - a*_i|^2 / 2 + lam/2 |z|^2``
    (a linearized SAC actor update toward the target actions of the subset's states).
 3. **Estimated policy** (:func:`policy_params_from_solutions`): the projected problem is exactly
