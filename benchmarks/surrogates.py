@@ -78,7 +78,7 @@ def timing(quick: bool) -> list[dict]:
 
 
 def accuracy(seeds: int) -> list[dict]:
-    import planted
+    from conftest import planted
 
     rows = []
     K = 8

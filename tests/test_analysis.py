@@ -4,7 +4,7 @@ import pytest
 from lightning_ksm import AnalysisConfig, all_subsets, report_from_losses, run_analysis
 from lightning_ksm.features import HarvestedFeatures
 
-import planted
+from conftest import planted, regression_features as _regression_features
 
 
 def test_report_from_planted_losses():
@@ -20,21 +20,6 @@ def test_report_from_planted_losses():
     assert report.fit_quality["heldout_lds"] > 0.95
     assert report.groups == []  # the tasks are not targets: no groups, and a note says why
     assert "co-training groups" in report.fit_quality["notes"][0]
-
-
-def _regression_features(seed=0, n=80, k=12):
-    """Linear regression in the linearized space: f0 = 0, J = x. Task 0 follows the target's rule,
-    task 1 the opposite rule, task 2 an unrelated one."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=k)
-    rules = [w, -w, rng.normal(size=k)]
-    X = rng.normal(size=(3 * n, k))
-    t = np.repeat(np.arange(3), n)
-    y = np.einsum("ij,ij->i", X, np.array(rules)[t]) + 0.1 * rng.normal(size=3 * n)
-    source = HarvestedFeatures(np.zeros(3 * n), X, y, t, ["same", "opposite", "unrelated"], "regression")
-    Xt = rng.normal(size=(60, k))
-    target = HarvestedFeatures(np.zeros(60), Xt, Xt @ w, np.zeros(60, dtype=int), ["target"], "regression")
-    return source, target
 
 
 def test_run_analysis_ranks_helpful_and_harmful_tasks():

@@ -135,3 +135,13 @@ def test_the_architecture_doc_names_every_unit():
     missing = [u for u in LAYER_OF if f"`{u}" not in doc]
     assert not missing, f"docs/architecture.md does not describe {missing}"
     assert os.path.exists(PACKAGE.parent / "docs" / "architecture.md")
+
+
+def test_the_engine_vocabularies_are_the_configs():
+    from lightning_ksm import config, estimation, surrogates
+    from lightning_ksm.harvesting import MODES, projection
+
+    assert estimation.LOSSES is config.LOSSES and estimation.WEIGHTINGS is config.WEIGHTINGS
+    assert MODES is config.OUTPUT_MODES
+    assert set(projection.KINDS) == set(config.PROJECTIONS)
+    assert set(config.KERNELS) <= set(surrogates._KERNELS)

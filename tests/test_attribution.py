@@ -16,7 +16,7 @@ from lightning_ksm import (
 from lightning_ksm.readouts import task_affinity
 from lightning_ksm.quality import holdout_quality
 
-import planted
+from conftest import planted
 
 
 class Exact:

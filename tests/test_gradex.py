@@ -12,6 +12,10 @@ from scipy.optimize import minimize
 from scipy.special import expit, logsumexp, softmax
 
 from lightning_ksm.features import HarvestedFeatures
+
+from conftest import GRADEX_LOSS_MODES as MODES
+from conftest import GRADEX_TASK_SIZES as TASK_SIZES
+from conftest import gradex_features as make_split
 from lightning_ksm.estimation import (
     GradExConvergenceWarning,
     default_loss,
@@ -21,31 +25,6 @@ from lightning_ksm.estimation import (
 )
 
 K = 5
-TASK_SIZES = [10, 40, 25, 60, 15]  # deliberately unbalanced
-MODES = {"cross_entropy": "logits", "logistic": "logistic", "squared": "regression"}
-
-
-def make_split(loss, seed, sizes=TASK_SIZES, k=8, C=3, vector_regression=False):
-    """A random linearized problem: features with structure so the solution is far from 0."""
-    rng = np.random.default_rng(seed)
-    tid = np.concatenate([np.full(s, t) for t, s in enumerate(sizes)])
-    n = len(tid)
-    if loss == "cross_entropy" or vector_regression:
-        J = rng.normal(size=(n, C, k)) + 0.5 * tid[:, None, None] / K
-        f0 = 0.5 * rng.normal(size=(n, C))
-        if loss == "cross_entropy":
-            y = (np.einsum("nck,k->nc", J, rng.normal(size=k)).argmax(1) + tid) % C
-        else:
-            y = rng.normal(size=(n, C)) + tid[:, None] / K
-    else:
-        J = rng.normal(size=(n, k)) + 0.3 * tid[:, None] / K
-        f0 = 0.5 * rng.normal(size=n)
-        if loss == "logistic":
-            y = ((J @ rng.normal(size=k) + tid - 2 + rng.normal(size=n)) > 0).astype(float)
-        else:
-            y = J @ rng.normal(size=k) + tid + rng.normal(size=n)
-    names = [f"task{t}" for t in range(len(sizes))]
-    return HarvestedFeatures(f0, J, y, tid, names, MODES[loss])
 
 
 def ref_weights(S_row, tid, weighting):

@@ -6,7 +6,7 @@ from sklearn.model_selection import GridSearchCV
 from lightning_ksm import KernelSurrogate, LinearSurrogate, lds, loo_scores, sample_subsets
 from lightning_ksm.metrics import residual_error
 
-import planted
+from conftest import planted
 
 
 @pytest.mark.parametrize("K", [6, 10])

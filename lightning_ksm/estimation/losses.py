@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..config import LOSSES as _LOSSES
+
 __all__ = ["LOSSES", "LOSS_IMPL", "MODE_TO_LOSS", "default_loss"]
 
-LOSSES = ("cross_entropy", "logistic", "squared")
+LOSSES = _LOSSES  # the vocabulary is declared in config
 MODE_TO_LOSS = {
     "logits": "cross_entropy",
     "margin": "logistic",

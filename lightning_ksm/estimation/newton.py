@@ -12,11 +12,12 @@ import math
 import numpy as np
 import torch
 
+from ..config import WEIGHTINGS as _WEIGHTINGS
 from .losses import LOSS_IMPL
 
 __all__ = ["WEIGHTINGS", "Problem", "labels_tensor", "solve_batch", "subset_sample_weights", "to_tensor"]
 
-WEIGHTINGS = ("task", "sample")
+WEIGHTINGS = _WEIGHTINGS  # the vocabulary is declared in config
 
 
 class Problem:

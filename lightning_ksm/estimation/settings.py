@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import AnalysisConfig, check_setting
 from ..features import HarvestedFeatures
 from .checks import check_scalar, task_names
-from .losses import LOSSES, default_loss
-from .newton import WEIGHTINGS
+from .losses import default_loss
 
 __all__ = ["DEFAULT_TOL", "MEMORY_BUDGET", "PRECONDITIONERS", "Settings", "resolve_settings"]
 
@@ -40,11 +40,9 @@ def resolve_settings(source, loss, weighting, lam, dtype, tol, max_iter, batch_s
         raise TypeError(f"source must be a HarvestedFeatures, got {type(source).__name__}")
     if loss is None:
         loss = default_loss(source.mode)
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    check_scalar("lam", lam)
+    # The settings the user also sets in AnalysisConfig are checked by its declaration (one message).
+    for name, value in (("loss", loss), ("weighting", weighting), ("lam", lam)):
+        check_setting(AnalysisConfig, name, value)
     if dtype == "auto":
         dtypes = (torch.float32, torch.float64)
     elif dtype in (torch.float32, torch.float64):
