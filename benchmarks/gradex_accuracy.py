@@ -7,7 +7,7 @@ eq. 1 plus lam/2 |W - W0|^2). Each task is its own region of the plane with its 
 label-noise level; the target is a region between tasks 1 and 2. F(s) is the target
 cross-entropy after fine-tuning.
 
-GradEx estimates F^(s) from features harvested once at W0 with ``lightning_ksm.harvest`` and the
+GradEx estimates F^(s) from features harvested once at W0 with ``lightning_ksm.harvest()`` and the
 seeded projectors of ``lightning_ksm.harvesting.projection`` (``gaussian`` and ``sjlt``; 3 projection seeds
 each) for k in {32, 64, 128, 256, 512}, and with exact Jacobians (identity projector, k = d).
 Reported per (lam, projector, k): the median over subsets of |F^ - F| / F and the Spearman

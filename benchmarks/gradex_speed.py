@@ -17,7 +17,7 @@ gradients in numpy.
 
 Parts 1 and 2 use isotropic synthetic features (well conditioned: easy for L-BFGS). Parts 3 and 4
 repeat them on REAL projected gradients: an MLP 16-64-64-1 (5,313 parameters) pretrained on pooled
-data and harvested at W0 with ``lightning_ksm.harvest`` (``logistic`` mode, SJLT projector, k = 256),
+data and harvested at W0 with ``lightning_ksm.harvest()`` (``logistic`` mode, SJLT projector, k = 256),
 with zero offsets (vs sklearn) and with the model's own offsets f0 (vs scipy).
 
 Both sides run with the same number of BLAS/torch threads (``--threads``, default 1: a single-core

@@ -1,7 +1,7 @@
 """The ``lightning-ksm`` command line: re-analyse a saved harvest, print a saved report.
 
 ``lightning-ksm analyze DIR`` re-runs GradEx, the kernel surrogate and the readouts on the features
-that a :class:`~lightning_ksm.TaskAttribution` run (or :func:`lightning_ksm.harvest.harvest` with a
+that a :class:`~lightning_ksm.TaskAttribution` run (or :func:`lightning_ksm.harvest` with a
 store) saved, with new analysis settings; the model is not needed. ``lightning-ksm show DIR`` prints
 a saved :class:`~lightning_ksm.AttributionReport` as ranked tables, or as JSON.
 
