@@ -54,3 +54,33 @@ def test_bad_settings_fail_before_any_work(settings, match):
     source, target = _regression_features()
     with pytest.raises(ValueError, match=match):
         run_analysis(source, target, settings)
+
+
+def test_analyze_is_one_entry_point_for_features_a_directory_and_measured_outcomes(tmp_path):
+    from lightning_ksm import analyze
+    from lightning_ksm.rundir import RunDirectory
+    from lightning_ksm.store import FeatureStore
+
+    source, target = _regression_features()
+    cfg = AnalysisConfig(n_subsets=40, subset_p=0.5, lam=0.1)
+    direct = run_analysis(source, target, cfg)
+    same = analyze(source, target, cfg)
+    np.testing.assert_array_equal(same.losses, direct.losses)
+    np.testing.assert_array_equal(same.scores["ensemble"], direct.scores["ensemble"])
+    # a callback-style run directory holding harvest/
+    store = FeatureStore(RunDirectory(str(tmp_path)).harvest)
+    store.initialize(projector_config={"kind": "identity", "k": source.proj_dim, "seed": 0, "version": 1},
+                     mode="regression", params={"w": (source.proj_dim,)},
+                     task_names=source.task_names + target.task_names)
+    for split, f in (("source", source), ("target", target)):
+        store.write_shard(split, 0, outputs=f.outputs, jacobians=f.jacobians, labels=f.labels,
+                          task_ids=f.task_ids, task_values=f.task_names)
+    from_dir = analyze(str(tmp_path), config=cfg)
+    np.testing.assert_allclose(from_dir.losses, direct.losses, rtol=1e-5, atol=1e-6)
+    measured = analyze(subsets=direct.subsets, losses=direct.losses, task_names=direct.task_names,
+                       target_names=direct.target_names, config=cfg)
+    np.testing.assert_allclose(measured.scores["loo"], direct.scores["loo"])
+    with pytest.raises(ValueError, match="needs task_names"):
+        analyze(subsets=direct.subsets, losses=direct.losses)
+    with pytest.raises(TypeError, match="takes a harvest directory"):
+        analyze(42)
