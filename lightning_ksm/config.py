@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
-PROJECTIONS = ("sjlt", "gaussian", "rademacher", "identity")
+PROJECTIONS = ("sjlt", "gaussian", "rademacher", "identity", "factorized")
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
@@ -184,7 +184,9 @@ class HarvestConfig(_Settings):
         one_of(OUTPUT_MODES, callable_ok=True), choices=OUTPUT_MODES)
     projection: str = setting(
         "sjlt", "random projection of the per-sample gradients: sjlt (sparse sign sketch), gaussian, "
-        "rademacher, identity (no projection: tiny models only)", one_of(PROJECTIONS), choices=PROJECTIONS)
+        "rademacher, identity (no projection: tiny models only), factorized (per-layer Kronecker "
+        "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
+        "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
     proj_dim: int = setting(256, "projection dimension k", int_at_least(1))
     proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
     include: Optional[list] = setting(

@@ -37,6 +37,7 @@ from ..config import OUTPUT_MODES, HarvestConfig
 from ..features import HarvestedFeatures
 from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
 from .engine import Engine, prepare_tensor, tree_leaves, tree_map
+from .factorized import FactorizedEngine
 from .outputs import check_labels, check_outputs, stored_labels
 from .params import select_parameters
 from .projection import IdentityProjector, Projector
@@ -175,7 +176,8 @@ class Harvester:
         self.device = torch.device(device)
         self.model, self.mode, self.projector = model, mode, projector
         with torch.inference_mode(False):  # W0 copies must be usable by autograd even under validate()
-            self.engine = Engine(model, self.names, mode, projector, weights, forward_fn, self.device, chunk_size)
+            engine = FactorizedEngine if projector.kind == "factorized" else Engine
+            self.engine = engine(model, self.names, mode, projector, weights, forward_fn, self.device, chunk_size)
         self._n_classes = None
         self._checked = False
 

@@ -34,7 +34,7 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # Dense blocks hold at most this many matrix entries (16 MiB in float32) while they are generated.
 _DENSE_BLOCK_ENTRIES = 2**22
 _SJLT_BLOCK_COLUMNS = 2**20
-KINDS = ("gaussian", "rademacher", "sjlt", "identity")
+KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factorized")
 
 __all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
            "make_projector", "projector_from_config", "param_shapes_of", "stable_seed", "KINDS"]
@@ -383,7 +383,8 @@ _CLASSES = {
 def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts) -> Projector:
     """Build a seeded projector.
 
-    ``kind``: ``"gaussian"``, ``"rademacher"``, ``"sjlt"`` or ``"identity"`` (``"none"``).
+    ``kind``: ``"gaussian"``, ``"rademacher"``, ``"sjlt"``, ``"identity"`` (``"none"``) or
+    ``"factorized"`` (:mod:`.factorized`: ``k`` is then the budget per parameter).
     ``param_shapes``: ``{name: shape}`` (shapes may be ``torch.Size``, tuples or tensors) or a
     sequence of ``(name, shape)`` pairs; the order defines the flat layout used by ``project_flat``.
     ``k``: output dimension (``None`` allowed for ``"identity"``). Options: ``block_size`` (columns
@@ -393,6 +394,12 @@ def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts
     if not isinstance(kind, str):
         raise TypeError(f"projector kind must be a string, got {kind!r}")
     key = _ALIASES.get(kind.lower(), kind.lower())
+    if key == "factorized":  # its own module: it comes with a hook-based harvest engine
+        from .factorized import FactorizedProjector
+
+        if k is None:
+            raise ValueError("projector kind 'factorized' needs a budget k per parameter")
+        return FactorizedProjector(param_shapes, k, seed, **{o: v for o, v in opts.items() if o != "block_size"})
     if key not in _CLASSES:
         raise ValueError(f"unknown projector kind {kind!r}; choose one of {KINDS} (or 'none')")
     if key != "sjlt" and "s" in opts:
@@ -417,6 +424,8 @@ def projector_from_config(config: Mapping, **runtime_opts) -> Projector:
         )
     shapes = [(n, tuple(s)) for n, s in config["params"]]
     opts = dict(runtime_opts)
+    if config["kind"] == "factorized":
+        return make_projector("factorized", shapes, config["k_param"], config["seed"], **opts)
     if config["kind"] != "identity":
         opts.setdefault("block_size", config.get("block_size"))
     if config["kind"] == "sjlt":
