@@ -6,10 +6,22 @@ chunk whose shard is stored, without loading it; a stored shard whose samples di
 chunk's (the data changed) is an error. DDP: rank r harvests chunks ``c % world == r`` into the same
 store, and the store merges them by global sample index. Synchronising ranks (barriers) is the
 caller's job; the runner needs no Trainer and no Lightning.
+
+Completeness: before the first shard, :meth:`HarvestRunner.run` records in the store what a
+complete harvest is (every loader's chunks and samples, the number of ranks); each rank marks
+itself done at the end, and the last one writes the completion marker
+(:mod:`lightning_ksm.store.plan`), so that a killed run or a dead rank leaves a store that
+``load`` refuses instead of one that silently yields a partial report.
+
+A plan entry is ``(split, loader)`` or ``(split, loader, name[, reader])``: ``name`` labels the
+loader in every error (with the dataset indices of the failing chunk) and ``reader`` overrides the
+runner's reader for that loader (e.g. a target loader read as one group, see
+:mod:`.scan`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +34,39 @@ from .batches import BatchReader, loader_chunks, take, to_device, tolist
 from .harvest import Harvester
 from .params import projector_for_model, select_parameters
 
-__all__ = ["HarvestRunner"]
+__all__ = ["HarvestRunner", "plan_entries", "expected_shards"]
+
+
+def plan_entries(plan: Sequence[tuple], reader: BatchReader) -> list:
+    """``[(split, loader, name, reader), ...]`` from plan entries of 2 to 4 items."""
+    out, count = [], {}
+    for entry in plan:
+        split, loader = entry[0], entry[1]
+        count[split] = count.get(split, 0) + 1
+        name = entry[2] if len(entry) > 2 and entry[2] else f"{split} loader {count[split] - 1}"
+        out.append((split, loader, name, entry[3] if len(entry) > 3 and entry[3] is not None else reader))
+    return out
+
+
+def expected_shards(loader, loader_no: int, batch_size: int | None) -> dict:
+    """``{"samples": n, "shards": {key: rows}}`` of a map-style loader (None/None: iterable)."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
+        return {"samples": None, "shards": None}
+    n = len(loader.dataset)
+    size = batch_size or loader.batch_size or 32
+    return {"samples": n, "shards": {f"l{loader_no}-c{c}": min(size, n - start)
+                                     for c, start in enumerate(range(0, n, size))}}
+
+
+def _where(name: str, key: str, index: np.ndarray, exc: BaseException) -> str:
+    """The error text of a failing chunk, with dataset indices instead of positions in the chunk."""
+    first = int(index[0]) if len(index) else 0
+    text = re.sub(r"batch \d+, sample (\d+)", lambda m: f"dataset index {first + int(m.group(1))}", str(exc))
+    text = re.sub(r"^batch \d+: ", "", text)
+    span = f"dataset indices {int(index[0])}..{int(index[-1])}" if len(index) else "an empty chunk"
+    return f"{name}, chunk {key} ({span}): {text}"
 
 
 class HarvestRunner:
@@ -69,6 +113,7 @@ class HarvestRunner:
                                              params=self.params)
         self.shards_computed = 0
         self.shards_skipped = 0
+        self.completeness: dict | None = None  # the store's completeness after this rank's run
         self._harvester: Harvester | None = None
 
     @property
@@ -93,15 +138,19 @@ class HarvestRunner:
         harvester = self._make_harvester(None)
         device = harvester.device
         with harvester.session():
-            for split, loader in plan:
-                first = next(loader_chunks(loader, self.reader, batch_size=self.config.harvest_batch_size), None)
+            for split, loader, name, reader in plan_entries(plan, self.reader):
+                first = next(loader_chunks(loader, reader, batch_size=self.config.harvest_batch_size), None)
                 if first is None:
-                    raise ValueError(f"a {split} dataloader has no samples; every target group needs samples")
-                batch = first[2]() if callable(first[2]) else first[2]
-                inputs, labels, task_ids = self.reader.read(batch)
-                probe = slice(0, min(2, len(labels)))
-                harvester.batch((to_device(take(inputs, probe), device), to_device(labels[probe], device),
-                                 tolist(task_ids)[probe]))
+                    raise ValueError(f"the {name} has no samples; every target group needs samples")
+                key, index, batch = first
+                try:
+                    batch = batch() if callable(batch) else batch
+                    inputs, labels, task_ids = reader.read(batch)
+                    probe = slice(0, min(2, len(labels)))
+                    harvester.batch((to_device(take(inputs, probe), device), to_device(labels[probe], device),
+                                     tolist(task_ids)[probe]))
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(_where(name, key, index, exc)) from exc
 
     def initialize_store(self) -> None:
         """Create (or check against) the store's manifest: projector, output mode, parameters."""
@@ -118,6 +167,13 @@ class HarvestRunner:
         if self._harvester is None:  # the engine is set up once per harvest, not per batch
             self._harvester = self._make_harvester(self.weights)
         harvester, device = self._harvester, self._harvester.device
+        entries = plan_entries(plan, self.reader)
+        expected: dict = {}
+        for loader_no, (split, loader, _, _) in enumerate(entries):
+            expected.setdefault(split, {})[f"l{loader_no}"] = expected_shards(loader, loader_no,
+                                                                              self.config.harvest_batch_size)
+        self.store.register_plan(self.world, expected)
+        filled: dict = {}
         offsets: dict = {}
         bar = None
         if self.progress and self.rank == 0:
@@ -126,18 +182,26 @@ class HarvestRunner:
             bar = tqdm(desc="TaskAttribution harvest", unit="shard", leave=False)
         try:
             with harvester.session():
-                for loader_no, (split, loader) in enumerate(plan):
+                for loader_no, (split, loader, name, reader) in enumerate(entries):
                     offset = offsets.get(split, 0)
-                    for key, index, batch in loader_chunks(loader, self.reader, rank=self.rank, world=self.world,
+                    iterable = expected[split][f"l{loader_no}"]["shards"] is None
+                    written, samples = {}, 0
+                    for key, index, batch in loader_chunks(loader, reader, rank=self.rank, world=self.world,
                                                            offset=offset, loader_no=loader_no,
                                                            batch_size=self.config.harvest_batch_size):
+                        samples += len(index)
+                        if len(index):
+                            written[key] = len(index)
                         if self._stored(split, key, index):
                             self.shards_skipped += 1
                             continue
-                        batch = batch() if callable(batch) else batch
-                        inputs, labels, task_ids = self.reader.read(batch)
-                        feats = harvester.batch((to_device(inputs, device), to_device(labels, device),
-                                                 tolist(task_ids)))
+                        try:
+                            batch = batch() if callable(batch) else batch
+                            inputs, labels, task_ids = reader.read(batch)
+                            feats = harvester.batch((to_device(inputs, device), to_device(labels, device),
+                                                     tolist(task_ids)))
+                        except (ValueError, TypeError) as exc:
+                            raise type(exc)(_where(name, key, index, exc)) from exc
                         if feats is None:
                             continue
                         self.store.write_shard(
@@ -147,11 +211,14 @@ class HarvestRunner:
                         self.shards_computed += 1
                         if bar is not None:
                             bar.update(1)
+                    if iterable and self.rank == 0:
+                        filled.setdefault(split, {})[f"l{loader_no}"] = {"samples": samples, "shards": written}
                     size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else 10**9
                     offsets[split] = offset + size
         finally:
             if bar is not None:
                 bar.close()
+        self.completeness = self.store.finish_rank(self.rank, filled)
         return {"computed": self.shards_computed, "skipped": self.shards_skipped}
 
     def _stored(self, split: str, key: str, index: np.ndarray) -> bool:

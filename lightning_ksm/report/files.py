@@ -24,7 +24,10 @@ Files written by :func:`save_report` (all atomically through :mod:`lightning_ksm
 ==========================  ====================================================================
 
 CSV floats are written with Python's shortest round-trip ``repr`` (``nan``/``inf`` for non-finite), so
-``float(cell)`` gives back the stored value exactly.
+``float(cell)`` gives back the stored value exactly. Text cells (task and target names) that start
+with ``=``, ``+``, ``-``, ``@``, a tab or a CR are prefixed with ``'`` so that a spreadsheet shows
+them as text instead of running them as a formula (CSV injection); ``report.json`` keeps the names
+as they are. Files get the permissions of the process's umask.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ REPORT_FORMAT = "lightning-ksm-report"
 REPORT_FORMAT_VERSION = 1
 
 _FLOAT_TAG = "$float"
-_FILE_MODE = 0o644  # report files are meant to be shared
+_FILE_MODE = None  # report files get the permissions the process's umask gives
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +128,17 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_field(text: str) -> str:
     """One RFC-4180 CSV field: quoted when it holds a comma, a quote, CR or LF.
 
     (csv.writer with lineterminator="\\n" leaves a lone CR unquoted, which breaks readers.)
+    A cell a spreadsheet would run as a formula gets a leading ``'`` (see the module docstring).
     """
+    if text[:1] in _FORMULA_START:
+        text = "'" + text
     if any(c in text for c in ',"\r\n'):
         return '"' + text.replace('"', '""') + '"'
     return text

@@ -1,86 +1,30 @@
-"""On-disk feature store for harvested per-sample features: shards per split, one manifest.
-
-Layout of a store directory::
-
-    manifest.json                 format version, projector config, output mode, task names,
-                                  parameter names/shapes, jacobian dtype, shards of every split
-    <split>/<key>.outputs.npy     one shard = five .npy files (index only when given)
-    <split>/<key>.jacobians.npy
-    <split>/<key>.labels.npy
-    <split>/<key>.task_ids.npy    indices into the shard's own ``task_values`` list (see below)
-    <split>/<key>.index.npy       optional per-sample global index (for de-duplication)
-
-Writes are atomic: every file is written to a temporary name and moved into place with
-``os.replace``; the manifest is updated last, under an exclusive file lock, so a shard exists only
-once its manifest entry does. Leftover temporary or orphan files are ignored. Several processes
-(DDP ranks) may write shards to one store concurrently, as long as their shard keys differ
-(use keys such as ``(rank, batch_index)``).
-
-Task ids are stored per shard as indices into that shard's ``task_values`` (the raw ids seen), so
-ranks need not agree on a task order while harvesting; :meth:`FeatureStore.load` maps them to the
-store's ``task_names`` (given up front, or the sorted union of all raw ids, see
-:func:`canonical_task_names`).
-
-``load`` de-duplicates samples by their global index (keeping the first occurrence in shard-key
-order: DistributedSampler pads ranks with repeated samples) and orders rows by that index, so the
-result does not depend on the number of ranks. Jacobians come back memory-mapped: directly from the
-shard when there is a single shard in order, otherwise from a merged file written once into the
-split's directory (``_merged-<digest>.jacobians.npy``).
-"""
+"""The :class:`FeatureStore` (layout, atomicity, resume and completeness: see the package docstring)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
-import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .features import OUTPUT_MODES, HarvestedFeatures
-from .fileio import atomic_save_npy, atomic_write, exclusive_lock
-from .task_ids import canonical_task_names, dedup_positions, normalize_task_id
+from ..features import OUTPUT_MODES, HarvestedFeatures
+from ..fileio import (WriteFailedError, atomic_save_npy, atomic_write, ensure_free_space, exclusive_lock,
+                      is_out_of_space)
+from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
+from . import plan as _plan
+from .merge import merged_jacobians, sha256_file as _sha256_file
+from .errors import CorruptStoreError, IncompleteHarvestError, StoreError
+from .manifest import (ARRAYS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, all_shards, check_manifest, check_split,
+                       natural_key, shard_key, short)
 
-
-FORMAT_NAME = "lightning-ksm-features"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-_ARRAYS = ("outputs", "jacobians", "labels", "task_ids")
-_SAFE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _DTYPES = ("float32", "float16")
 
-__all__ = ["FeatureStore", "shard_key", "canonical_task_names", "normalize_task_id", "dedup_positions", "FORMAT_NAME",
-           "FORMAT_VERSION", "MANIFEST"]
+__all__ = ["FeatureStore"]
 
-
-def shard_key(key: Any) -> str:
-    """The string form of a shard key: ``(0, 12)`` -> ``"0-12"``; strings are kept as they are."""
-    if isinstance(key, (tuple, list)):
-        text = "-".join(str(int(k)) if isinstance(k, (int, np.integer)) else str(k) for k in key)
-    elif isinstance(key, (int, np.integer)):
-        text = str(int(key))
-    elif isinstance(key, str):
-        text = key
-    else:
-        raise TypeError(f"shard key must be a string, an int or a tuple of them, got {key!r}")
-    if not text or not _SAFE.match(text) or text.startswith("_") or text.startswith("."):
-        raise ValueError(
-            f"shard key {key!r} must use only letters, digits and _.=+- (and not start with _ or .)"
-        )
-    return text
-
-
-def _check_split(split: str) -> str:
-    if not isinstance(split, str) or not _SAFE.match(split) or split.startswith((".", "_")):
-        raise ValueError(f"split name {split!r} must use only letters, digits and _.=+-")
-    return split
-
-
-def _natural_key(text: str):
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+# Old private names, kept for callers inside the package.
+_check_split, _natural_key, _all_shards, _short = check_split, natural_key, all_shards, short
 
 
 class FeatureStore:
@@ -114,7 +58,7 @@ class FeatureStore:
         return os.path.exists(self.manifest_path)
 
     def manifest(self) -> dict:
-        """The manifest as a dict, freshly read and validated."""
+        """The manifest as a dict, freshly read and validated (a malformed one: CorruptStoreError)."""
         try:
             with open(self.manifest_path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -123,18 +67,8 @@ class FeatureStore:
                 f"no feature store at {self.directory} (missing {MANIFEST}); harvest into it first"
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"corrupted manifest {self.manifest_path}: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ValueError(f"{self.manifest_path} is not a lightning-ksm feature store manifest")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{self.manifest_path} has format_version {data.get('format_version')!r}; "
-                f"this version reads {FORMAT_VERSION}"
-            )
-        for field in ("projector", "k", "mode", "params", "dtype", "splits"):
-            if field not in data:
-                raise ValueError(f"corrupted manifest {self.manifest_path}: missing field {field!r}")
-        return data
+            raise CorruptStoreError(f"corrupted manifest {self.manifest_path}: {exc}") from None
+        return check_manifest(data, self.manifest_path)
 
     @property
     def dtype(self) -> str:
@@ -181,9 +115,10 @@ class FeatureStore:
             "d": int(sum(int(np.prod(s)) for _, s in param_list)),
             "dtype": self._dtype or "float32",
         }
+        meta = json.loads(json.dumps(dict(meta or {})))
         with self._locked():
             if not self.exists():
-                data = dict(header, output_shape=None, meta=dict(meta or {}), splits={})
+                data = dict(header, output_shape=None, meta=meta, splits={}, harvest=None)
                 self._write_manifest(data)
                 return data
             data = self.manifest()
@@ -196,6 +131,13 @@ class FeatureStore:
                         f"stored {_short(data[field])}, this harvest {_short(header[field])}; "
                         "use a new directory or the same settings"
                     )
+            old_w0, new_w0 = (data.get("meta") or {}).get("w0_sha256"), meta.get("w0_sha256")
+            if old_w0 and new_w0 and old_w0 != new_w0:
+                raise StoreError(
+                    f"feature store {self.directory} was harvested at another W0 (sha256 {old_w0[:12]}..., this "
+                    f"harvest's W0 is {new_w0[:12]}...): features of two snapshots must not be mixed; harvest "
+                    "into a new directory"
+                )
             if names is not None and data.get("task_names") not in (None, names):
                 raise ValueError(
                     f"feature store {self.directory} was written with task_names "
@@ -323,14 +265,29 @@ class FeatureStore:
                 )
         if self.has_shard(split, key) and not overwrite:
             raise ValueError(f"shard {key!r} of split {split!r} already exists (pass overwrite=True)")
+        kept = (f"the {len(all_shards(data))} shards already in the store are kept and a resumed harvest skips "
+                "them; no partial file is left")
+        ensure_free_space(split_dir, sum(a.nbytes for a in arrays.values()), what=f"shard {key!r} of split {split!r}",
+                          kept=kept)
         # Data files first (names are unique per key, so ranks never collide), the manifest last.
-        for name, arr in arrays.items():
-            atomic_save_npy(f"{prefix}.{name}.npy", arr, mode=None)
+        sums = {}
+        try:
+            for name, arr in arrays.items():
+                path = f"{prefix}.{name}.npy"
+                atomic_save_npy(path, arr, mode=None)
+                sums[name] = _sha256_file(path)
+        except OSError as exc:
+            if isinstance(exc, WriteFailedError):
+                raise
+            why = "the disk is full" if is_out_of_space(exc) else f"{type(exc).__name__}: {exc}"
+            raise WriteFailedError(exc.errno, f"shard {key!r} of split {split!r} could not be written to "
+                                              f"{split_dir} ({why}); {kept}") from exc
         record = {
             "key": key,
             "rows": n,
             "task_values": task_values,
             "has_index": sample_index is not None,
+            "sha256": sums,
         }
         with self._locked():
             # Re-read under the lock: other ranks may have added shards meanwhile.
@@ -357,51 +314,100 @@ class FeatureStore:
             return list(data["task_names"])
         return canonical_task_names(v for s in _all_shards(data) for v in s["task_values"])
 
-    def _open(self, split: str, shard: dict, name: str) -> np.ndarray:
-        path = os.path.join(self.directory, split, f"{shard['key']}.{name}.npy")
+    # -- completeness (see :mod:`.plan`) ----------------------------------------------------
+    def register_plan(self, world: int, expected: dict) -> None:
+        """Record what a complete harvest is before writing shards (or check it against the record)."""
+        with self._locked():
+            self._write_manifest(_plan.register_plan(self.manifest(), world, expected))
+
+    def finish_rank(self, rank: int, filled: dict | None = None) -> dict:
+        """Mark ``rank`` done; returns :meth:`completeness` (complete once the last rank is done)."""
+        with self._locked():
+            data = _plan.finish_rank(self.manifest(), rank, filled)
+            self._write_manifest(data)  # the completion marker, if set, is the last write
+        return _plan.status(data)
+
+    def completeness(self) -> dict:
+        """``{"recorded", "complete", "problems", "splits"}``: is the recorded harvest complete?"""
+        return _plan.status(self.manifest())
+
+    def check_complete(self, *, allow_partial: bool = False) -> dict:
+        """Raise :class:`IncompleteHarvestError` unless the harvest is complete (or ``allow_partial``)."""
+        st = self.completeness()
+        if st["complete"] is False and not allow_partial:
+            raise IncompleteHarvestError(
+                f"the harvest in {self.directory} is incomplete or inconsistent: {_plan.describe_status(st)}. "
+                "Resume the run that wrote it (trainer.fit(..., ckpt_path=...)) or harvest again; to analyse "
+                "only what is stored, ask for it explicitly (allow_partial=True, "
+                "`lightning-ksm analyze --allow-partial`)"
+            )
+        return st
+
+    # -- reading -----------------------------------------------------------------------------
+    def _path(self, split: str, shard: dict, name: str) -> str:
+        return os.path.join(self.directory, split, f"{shard['key']}.{name}.npy")
+
+    def _open(self, split: str, shard: dict, name: str, *, verify: bool = False) -> np.ndarray:
+        path = self._path(split, shard, name)
+        where = f"corrupted feature store: shard {shard['key']!r} of split {split!r}"
+        want = (shard.get("sha256") or {}).get(name)
         try:
+            if verify and want is not None and _sha256_file(path) != want:
+                raise CorruptStoreError(f"{where}: {path} does not match its checksum (edited or damaged)")
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise ValueError(
-                f"corrupted feature store: shard {shard['key']!r} of split {split!r} is in the "
-                f"manifest but {path} is missing"
-            ) from None
-        if len(arr) != shard["rows"]:
-            raise ValueError(
-                f"corrupted feature store: {path} has {len(arr)} rows, the manifest says {shard['rows']}"
-            )
+            raise CorruptStoreError(f"{where} is in the manifest but {path} is missing") from None
+        except (ValueError, EOFError, OSError) as exc:  # empty, short or not a .npy file
+            raise CorruptStoreError(f"{where}: {path} is unreadable ({type(exc).__name__}: {exc})") from None
+        if arr.ndim == 0 or len(arr) != shard["rows"]:
+            raise CorruptStoreError(f"{where}: {path} has {len(arr) if arr.ndim else 0} rows, the manifest says "
+                                    f"{shard['rows']}")
         return arr
 
-    def load(self, split: str = "source", *, dedup: bool = True, dtype: str | None = None) -> HarvestedFeatures:
+    def load(self, split: str = "source", *, dedup: bool = True, dtype: str | None = None,
+             allow_partial: bool = False, verify: bool = True) -> HarvestedFeatures:
         """All shards of ``split`` as one :class:`HarvestedFeatures` with memory-mapped Jacobians.
 
         With per-sample indices, duplicates are dropped (first occurrence in shard-key order wins)
         and rows are ordered by index; without, rows follow shard-key order. ``dtype="float32"``
-        returns in-memory float32 Jacobians (e.g. from a float16 store).
+        returns in-memory float32 Jacobians (e.g. from a float16 store). An incomplete harvest
+        raises :class:`IncompleteHarvestError` unless ``allow_partial``; ``verify`` checks every
+        file against its SHA-256 (:class:`CorruptStoreError` on a mismatch).
         """
-        split = _check_split(split)
+        split = check_split(split)
+        self.check_complete(allow_partial=allow_partial)
         data = self.manifest()
         if split not in data["splits"] or not data["splits"][split]["shards"]:
-            raise ValueError(
+            raise StoreError(
                 f"feature store {self.directory} has no shards for split {split!r}; "
                 f"stored splits: {self.splits()}"
             )
-        shards = sorted(data["splits"][split]["shards"], key=lambda s: _natural_key(s["key"]))
+        shards = sorted(data["splits"][split]["shards"], key=lambda s: natural_key(s["key"]))
         names = self.task_names()
         position = {v: i for i, v in enumerate(names)}
         small = {n: [] for n in ("outputs", "labels", "task_ids")}
         indices = []
         for shard in shards:
-            small["outputs"].append(np.asarray(self._open(split, shard, "outputs")))
-            small["labels"].append(np.asarray(self._open(split, shard, "labels")))
-            local = np.asarray(self._open(split, shard, "task_ids"))
-            table = np.array([position[v] for v in shard["task_values"]], dtype=np.int64)
+            if verify:
+                self._open(split, shard, "jacobians", verify=True)
+            small["outputs"].append(np.asarray(self._open(split, shard, "outputs", verify=verify)))
+            small["labels"].append(np.asarray(self._open(split, shard, "labels", verify=verify)))
+            local = np.asarray(self._open(split, shard, "task_ids", verify=verify))
+            values = shard["task_values"]
+            if len(local) and (local.min() < 0 or local.max() >= len(values)):
+                raise CorruptStoreError(f"corrupted feature store: shard {shard['key']!r} of split {split!r} has "
+                                        f"task ids outside its {len(values)} task values")
+            unknown = [v for v in values if v not in position]
+            if unknown:
+                raise CorruptStoreError(f"corrupted feature store: shard {shard['key']!r} of split {split!r} has "
+                                        f"task values {unknown} that are not in the store's task_names")
+            table = np.array([position[v] for v in values], dtype=np.int64)
             small["task_ids"].append(table[local] if len(local) else local.astype(np.int64))
             if shard["has_index"]:
-                indices.append(np.asarray(self._open(split, shard, "index")))
+                indices.append(np.asarray(self._open(split, shard, "index", verify=verify)))
         with_index = len(indices)
         if with_index not in (0, len(shards)):
-            raise ValueError(
+            raise StoreError(
                 f"split {split!r} mixes shards with and without sample indices; "
                 "pass sample indices for every batch or for none"
             )
@@ -427,7 +433,7 @@ class FeatureStore:
     def load_index(self, split: str = "source", *, dedup: bool = True) -> np.ndarray | None:
         """The global sample index of each row ``load(split)`` returns (None if none was stored)."""
         data = self.manifest()
-        shards = sorted(data["splits"].get(split, {"shards": []})["shards"], key=lambda s: _natural_key(s["key"]))
+        shards = sorted(data["splits"].get(split, {"shards": []})["shards"], key=lambda s: natural_key(s["key"]))
         if not shards or not all(s["has_index"] for s in shards):
             return None
         index = np.concatenate([np.asarray(self._open(split, s, "index")) for s in shards])
@@ -435,40 +441,7 @@ class FeatureStore:
         return index[keep]
 
     def _jacobians(self, split: str, shards: list, keep: np.ndarray, total: int) -> np.ndarray:
-        if len(shards) == 1 and np.array_equal(keep, np.arange(total)):
-            return self._open(split, shards[0], "jacobians")
-        digest = hashlib.sha1(
-            json.dumps([[s["key"], s["rows"]] for s in shards]).encode() + keep.tobytes()
-        ).hexdigest()[:16]
-        split_dir = os.path.join(self.directory, split)
-        path = os.path.join(split_dir, f"_merged-{digest}.jacobians.npy")
-        if os.path.exists(path):
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        first = self._open(split, shards[0], "jacobians")
-        # Where each stored row goes in the output (-1: dropped duplicate).
-        dest = np.full(total, -1, dtype=np.int64)
-        dest[keep] = np.arange(len(keep))
-        tmp = os.path.join(split_dir, f"._merged-{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(keep),) + first.shape[1:])
-            start = 0
-            for shard in shards:
-                arr = self._open(split, shard, "jacobians")
-                d = dest[start: start + len(arr)]
-                rows = np.nonzero(d >= 0)[0]
-                if len(rows):
-                    out[d[rows]] = arr[rows]
-                start += len(arr)
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        except OSError:
-            # Read-only store: fall back to an in-memory copy.
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            return np.concatenate([np.asarray(self._open(split, s, "jacobians")) for s in shards])[keep]
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-
+        return merged_jacobians(self, split, shards, keep, total)
 
     def cleanup(self) -> list[str]:
         """Remove merged-Jacobian caches and leftover temporary files; returns the removed paths.
@@ -484,12 +457,3 @@ class FeatureStore:
                         os.remove(path)
                         removed.append(path)
         return removed
-
-
-def _all_shards(data: dict) -> list:
-    return [s for v in data["splits"].values() for s in v["shards"]]
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
