@@ -196,10 +196,12 @@ def test_csv_quoting_of_awkward_names(tmp_path):
     rep.save(tmp_path, figures=False)
     with open(tmp_path / "scores.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["task", "x,y", "all"] and [r[0] for r in rows[1:]] == names
+    # A cell a spreadsheet would run as a formula is written as text (issue 14, item 8).
+    cells = [n if n[0] not in "=+-@" else "'" + n for n in names]
+    assert rows[0] == ["task", "x,y", "all"] and [r[0] for r in rows[1:]] == cells
     with open(tmp_path / "interactions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
-    expected = [[t, names[i], names[j], repr(float(rep.interactions[ti, i, j]))]
+    expected = [[t, cells[i], cells[j], repr(float(rep.interactions[ti, i, j]))]
                 for ti, t in enumerate(["x,y", "all"]) for i in range(k) for j in range(i + 1, k)]
     assert rows == [["target", "task_i", "task_j", "interaction"]] + expected
 
