@@ -230,21 +230,34 @@ def analyze_store(
     progress: bool = False,
     timings: dict | None = None,
     extra_config: dict | None = None,
+    allow_partial: bool = False,
 ) -> AttributionReport:
     """Run (or re-run, with new settings) the analysis of a saved harvest (a :class:`FeatureStore`
-    directory with "source" and "target" splits). The model is not needed."""
+    directory with "source" and "target" splits). The model is not needed.
+
+    An incomplete harvest raises :class:`~lightning_ksm.store.IncompleteHarvestError`; with
+    ``allow_partial=True`` it is analysed and the report says so (``fit_quality["partial_harvest"]``,
+    the first of ``fit_quality["notes"]``, ``config["harvest_status"]``)."""
     from .store import FeatureStore
+    from .store.plan import describe_status
 
     store = FeatureStore(directory)
     if not store.exists():
         raise FileNotFoundError(f"no harvest found in {directory} (missing manifest.json)")
-    source = present_tasks_only(store.load("source"))
-    target = present_tasks_only(store.load("target"))
+    status = store.check_complete(allow_partial=allow_partial)
+    source = present_tasks_only(store.load("source", allow_partial=allow_partial))
+    target = present_tasks_only(store.load("target", allow_partial=allow_partial))
     manifest = store.manifest()
     extra = {"harvest": {k: v for k, v in manifest.items() if k not in ("splits", "params")}}
     extra["harvest"]["n_params"] = len(manifest.get("params", []))
     extra.update(extra_config or {})
-    return run_analysis(source, target, config, timings=timings, extra_config=extra, progress=progress)
+    extra["harvest_status"] = status
+    report = run_analysis(source, target, config, timings=timings, extra_config=extra, progress=progress)
+    if status["complete"] is False:  # asked for explicitly: said first, wherever the report is read
+        note = f"PARTIAL HARVEST: this report uses only part of the data ({describe_status(status)})"
+        report.fit_quality["partial_harvest"] = True
+        report.fit_quality["notes"] = [note] + list(report.fit_quality.get("notes", []))
+    return report
 
 
 def analyze(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -29,6 +30,9 @@ def _find_harvest(directory: str) -> Path:
     run_harvest = Path(RunDirectory(path).harvest)
     if (run_harvest / "manifest.json").is_file():
         return run_harvest
+    logged = Path(RunDirectory.under(path).harvest)  # a Lightning log folder: <version>/ksm/harvest
+    if (logged / "manifest.json").is_file():
+        return logged
     raise CLIError(
         f"no harvest in DIR {directory!r}: expected {str(path / 'manifest.json')!r} (a harvest "
         f"directory) or {str(run_harvest / 'manifest.json')!r} (a TaskAttribution output directory)"
@@ -135,13 +139,20 @@ def _resolve_settings(args: argparse.Namespace, n_tasks: int) -> AnalysisConfig:
 
 def _resolve_out(args: argparse.Namespace, harvest_dir: Path) -> Path:
     if args.out is None:
+        # The directory is created here, exclusively (mkdir is atomic): two analyses started in the
+        # same second, even in two processes, get report-<stamp>, report-<stamp>-2, ...
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = harvest_dir.parent / f"report-{stamp}"
-        n = 2
-        while out.exists():  # never reuse a directory: two runs in one second get -2, -3, ...
-            out = harvest_dir.parent / f"report-{stamp}-{n}"
-            n += 1
-        return out
+        for n in range(1, 10_000):
+            out = harvest_dir.parent / (f"report-{stamp}" if n == 1 else f"report-{stamp}-{n}")
+            try:
+                out.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise CLIError(f"cannot create the report directory {str(out)!r}: {exc.strerror or exc}",
+                               status=1) from None
+            return out
+        raise CLIError(f"too many report directories named report-{stamp}* in {str(harvest_dir.parent)!r}")
     out = Path(args.out)
     resolved, harvest = out.resolve(), harvest_dir.resolve()
     if resolved == harvest or harvest in resolved.parents:
@@ -170,9 +181,24 @@ def _carried_config(harvest_dir: Path) -> dict:
     return {k: v for k, v in config.items() if k not in ("analysis", "harvest", "cli")}
 
 
+#: Exit status of ``analyze`` for a harvest that is incomplete or damaged (2: bad input, 1: I/O).
+EXIT_INCOMPLETE = 3
+
+
+def _check_harvest(harvest_dir: Path, allow_partial: bool) -> dict:
+    from ..store import FeatureStore, StoreError
+
+    try:
+        return FeatureStore(harvest_dir).check_complete(allow_partial=allow_partial)
+    except StoreError as exc:
+        raise CLIError(f"{exc}", status=EXIT_INCOMPLETE) from None
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     harvest_dir = _find_harvest(args.dir)
     n_tasks = _source_task_count(harvest_dir)
+    allow_partial = bool(getattr(args, "allow_partial", False))
+    status = _check_harvest(harvest_dir, allow_partial)
     config = _resolve_settings(args, n_tasks)
     out = _resolve_out(args, harvest_dir)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -183,16 +209,30 @@ def run_analyze(args: argparse.Namespace) -> int:
     extra["cli"] = {"command": "analyze", "harvest_dir": str(harvest_dir.resolve()),
                     "config_file": None if args.config is None else str(Path(args.config).resolve())}
     start = time.perf_counter()
+    from ..store import StoreError
+
     try:
-        report = analyze_store(harvest_dir, config, progress=progress, extra_config=extra)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        # Settings were checked above, so this is the stored data (e.g. a corrupt or empty split).
-        raise CLIError(f"the analysis of {str(harvest_dir)!r} failed: {exc}") from None
+        try:
+            report = analyze_store(harvest_dir, config, progress=progress, extra_config=extra,
+                                   allow_partial=allow_partial)
+        except StoreError as exc:
+            raise CLIError(f"the harvest in {str(harvest_dir)!r} cannot be analysed: {exc}",
+                           status=EXIT_INCOMPLETE) from None
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            # Settings were checked above, so this is the stored data (e.g. a corrupt or empty split).
+            raise CLIError(f"the analysis of {str(harvest_dir)!r} failed: {exc}") from None
+    except BaseException:
+        if args.out is None:  # the fresh, still empty report directory is not left behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     seconds = time.perf_counter() - start
     try:
         report.save(out)
     except OSError as exc:
         raise CLIError(f"cannot write the report to {str(out)!r}: {exc}", status=1) from None
+    if status["complete"] is False:
+        print(f"WARNING: PARTIAL HARVEST (--allow-partial): {report.fit_quality['notes'][0]}", file=sys.stderr)
     print(f"report written to {out.resolve()} ({seconds:.1f} s)")
     print(_summary(report, config))
     print(f"full tables: {PROG} show {shlex.quote(str(out))}")
@@ -211,6 +251,8 @@ def _summary(report, config: AnalysisConfig) -> str:
     """A few lines: size of the run, fit quality, top tasks and best subset of the default target."""
     fq = report.fit_quality
     lines = [
+        *(["  PARTIAL HARVEST: only part of the data was analysed (see fit_quality notes)"]
+          if fq.get("partial_harvest") else []),
         f"  {report.n_tasks} source tasks, {report.n_targets} targets, {config.n_subsets} subsets "
         f"(seed {config.seed}), kernel {config.kernel}",
         f"  surrogate held-out LDS {_num(fq.get('heldout_lds'), '.3f')} "

@@ -53,8 +53,12 @@ a kernel surrogate is fitted to the resulting losses, and the readouts are recom
 Settings are taken, in increasing priority, from the defaults of AnalysisConfig, from --config
 (a JSON object of AnalysisConfig fields, or a saved report.json, whose settings are reused), and
 from the options below. The report goes to a new directory next to the harvest
-(report-<date>-<time>) unless --out is given; an existing non-empty --out is only overwritten with
---force.
+(report-<date>-<time>, created exclusively: concurrent analyses get -2, -3, ... suffixes) unless
+--out is given; an existing non-empty --out is only overwritten with --force.
+
+An incomplete or damaged harvest (a killed run, a DDP rank that died, a shard that fails its
+checksum) is refused with exit status 3; --allow-partial analyses what is stored anyway and marks
+the report as partial. Exit status 2: bad arguments; 1: the report could not be written.
 
 """ + _SIGNS
 
@@ -133,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser(
         "analyze", help="re-run the analysis of a saved harvest with new settings",
-        usage=f"{PROG} analyze DIR [--out OUT] [--force] [--config FILE] [--[no-]progress] [SETTINGS...]",
+        usage=f"{PROG} analyze DIR [--out OUT] [--force] [--config FILE] [--allow-partial] [--[no-]progress] "
+              "[SETTINGS...]",
         description=_ANALYZE_DESCRIPTION, epilog=_ANALYZE_EPILOG, formatter_class=_Formatter,
     )
     analyze.add_argument("dir", metavar="DIR", help="harvest directory, or the callback's output directory")
@@ -142,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     analyze.add_argument("--config", metavar="FILE",
                          help="JSON file of analysis settings, or a saved report.json to reuse its settings")
+    analyze.add_argument("--allow-partial", action="store_true",
+                         help="analyse an incomplete harvest anyway (the report says it is partial)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="show progress bars (default: when stderr is a terminal)")
     _add_analysis_options(analyze)

@@ -42,7 +42,11 @@ def _find_report(directory: str) -> Path:
     run_report = Path(RunDirectory(path).report)
     if (run_report / "report.json").is_file():
         return run_report
-    others = sorted(p.parent.name for p in path.glob("report*/report.json"))
+    logged = Path(RunDirectory.under(path).report)  # a Lightning log folder: <version>/ksm/report
+    if (logged / "report.json").is_file():
+        return logged
+    others = sorted(str(p.parent.relative_to(path)) for pattern in ("report*/report.json", "ksm/report*/report.json")
+                    for p in path.glob(pattern))
     if others:
         raise CLIError(f"no report in DIR {directory!r} itself; reports found under it: {others} (pass one of them)")
     raise CLIError(

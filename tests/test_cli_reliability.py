@@ -1,0 +1,82 @@
+"""Issue 14 on the command line: a partial harvest exits non-zero unless --allow-partial (item 1),
+concurrent analyses get their own directories (item 6), ``show`` finds ``ksm/`` in a Lightning
+version folder (item 12)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ksm import AttributionReport, HarvestConfig
+from lightning_ksm.cli import main
+from lightning_ksm.cli import analyze as analyze_cli
+from lightning_ksm.harvesting import HarvestRunner
+
+FAST = ["--n-subsets", "20", "--ensemble-samples", "200"]
+
+
+def _partial_harvest(directory):
+    """A regression harvest whose rank 1 of 2 never ran: 3 of 5 source chunks stored."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, generator=g)
+    y = X @ torch.randn(4, generator=g)
+    data = TensorDataset(X, y, torch.arange(40) % 4)
+    torch.manual_seed(0)
+    runner = HarvestRunner(nn.Linear(4, 1), directory, config=HarvestConfig(output="regression", proj_dim=5,
+                                                                            harvest_batch_size=8), rank=0, world=2)
+    runner.initialize_store()
+    runner.run([("source", DataLoader(data, batch_size=8)), ("target", DataLoader(data, batch_size=8))])
+    return directory
+
+
+def test_a_partial_harvest_exits_non_zero_unless_asked_for(tmp_path, capsys):
+    ksm = tmp_path / "ksm"
+    _partial_harvest(ksm / "harvest")
+    assert main(["analyze", str(ksm), *FAST]) == analyze_cli.EXIT_INCOMPLETE == 3
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "rank 1 of 2 did not finish" in err and "--allow-partial" in err
+    assert not list(ksm.glob("report-*"))  # nothing half-made is left
+    assert main(["analyze", str(ksm), *FAST, "--allow-partial", "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert "PARTIAL HARVEST" in captured.err and "PARTIAL HARVEST" in captured.out
+    report = AttributionReport.load(tmp_path / "r")
+    assert report.fit_quality["partial_harvest"] is True
+    assert report.fit_quality["notes"][0].startswith("PARTIAL HARVEST") and "24 of 40 samples" in report.fit_quality["notes"][0]
+    assert report.config["harvest_status"]["complete"] is False
+
+
+def test_concurrent_analyses_get_unique_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(analyze_cli.time, "strftime", lambda fmt: "20260101-120000")
+    (tmp_path / "harvest").mkdir()
+    args = argparse.Namespace(out=None, force=False)
+    outs, barrier = [], threading.Barrier(4)
+
+    def one():
+        barrier.wait()
+        outs.append(analyze_cli._resolve_out(args, tmp_path / "harvest"))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(outs)) == 4 and all(o.is_dir() for o in outs)
+    assert sorted(o.name for o in outs) == ["report-20260101-120000"] + [f"report-20260101-120000-{n}" for n in (2, 3, 4)]
+
+
+def test_show_and_analyze_look_inside_ksm_of_a_lightning_version_folder(tmp_path, capsys):
+    import numpy as np
+
+    version = tmp_path / "lightning_logs" / "version_0"
+    AttributionReport(["a", "b"], ["all"], {"loo": np.array([[0.5], [-0.25]])}).save(version / "ksm" / "report",
+                                                                                     figures=False)
+    assert main(["show", str(version)]) == 0
+    assert "target 'all'" in capsys.readouterr().out
+    assert analyze_cli._find_harvest  # the harvest is found the same way
+    (version / "ksm" / "harvest").mkdir()
+    (version / "ksm" / "harvest" / "manifest.json").write_text("{}")
+    assert analyze_cli._find_harvest(str(version)) == version / "ksm" / "harvest"
