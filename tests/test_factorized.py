@@ -37,10 +37,11 @@ class TinyConv(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.bn = nn.BatchNorm2d(3)
         self.fc = nn.Linear(3 * 3 * 3, 5)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
 def _seq_batch(n=7, L=5, seed=0):
@@ -80,6 +81,8 @@ def test_sequence_model_with_tied_weights_and_a_fallback_matches_the_exact_path(
 def test_conv_and_linear_match_the_exact_path_and_the_model_is_untouched():
     torch.manual_seed(1)
     model = TinyConv().double()
+    model.bn.running_mean.normal_()  # non-trivial running statistics
+    model.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 5, (6,))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -140,3 +143,29 @@ def test_the_runner_and_the_store_take_the_factorized_harvest(tmp_path):
     stored = FeatureStore(tmp_path / "f").load("source")
     direct = harvest(model, [(data.tensors[0], data.tensors[1], data.tensors[2].tolist())], projector=runner.projector)
     np.testing.assert_allclose(stored.jacobians, direct.jacobians, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpt2_from_transformers_matches_the_exact_path():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=6,
+                                  bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).double()  # Conv1D blocks, LayerNorms, tied wte / lm_head
+
+    def last_logits(m, tokens):
+        return m(input_ids=tokens).logits[:, -1, :4]  # a 4-way classifier read off the last position
+
+    tokens = torch.randint(0, 13, (5, 6))
+    labels = torch.randint(0, 4, (5,))
+    proj = projector_for_model(model, "factorized", 9, seed=1)
+    covered, fallback = covered_parameters(model, proj.names)
+    assert fallback == [] and len(covered["transformer.wte.weight"]) == 2
+    fast = harvest(model, [(tokens, labels, [0] * 5)], projector=proj, forward_fn=last_logits).jacobians
+    ident = IdentityProjector({n: proj.param_shapes[n] for n in proj.names})
+    exact = harvest(model, [(tokens, labels, [0] * 5)], projector=ident, forward_fn=last_logits).jacobians
+    grads, offset = {}, 0
+    for name, shape in proj.param_shapes.items():
+        size = int(np.prod(shape))
+        grads[name] = torch.as_tensor(exact[:, offset: offset + size]).reshape(5, *shape)
+        offset += size
+    np.testing.assert_allclose(fast, proj.project(grads).numpy(), rtol=1e-7, atol=1e-9)

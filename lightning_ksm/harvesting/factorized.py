@@ -20,7 +20,8 @@ Each parameter gets its own block of the output (the output dimension is the sum
 
 :class:`FactorizedEngine` computes the projected gradients with module hooks for
 ``nn.Linear`` (any leading dims: sequences), ``nn.Conv2d`` (groups = 1, numeric padding, through
-``unfold``), ``nn.Embedding`` (no ``max_norm``), their biases and ``nn.LayerNorm``. Any other
+``unfold``), ``nn.Embedding`` (no ``max_norm``), transformers' ``Conv1D`` (GPT-2), their biases,
+``nn.LayerNorm`` and BatchNorm with running statistics (eval mode: a per-channel affine map). Any other
 selected parameter (or one shared with an uncovered module) falls back to the exact per-sample path
 of :mod:`.engine` for that parameter alone. Samples must not interact inside the model (eval mode:
 BatchNorm uses running statistics). ``logits`` mode needs one backward pass per class.
@@ -132,6 +133,12 @@ def _role(module: nn.Module, attr: str) -> str | None:
         return "embedding"
     if isinstance(module, nn.LayerNorm):
         return {"weight": "ln_weight", "bias": "ln_bias"}.get(attr)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        # The harvest runs in eval mode, where BatchNorm is a per-channel affine map of its input.
+        return {"weight": "bn_weight", "bias": "bn_bias"}.get(attr)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        # transformers' Conv1D (GPT-2): y = x @ W + b with W of shape (in, out).
+        return {"weight": "conv1d", "bias": "bias"}.get(attr)
     return None
 
 
@@ -199,7 +206,21 @@ class FactorizedEngine:
     def _chunk(self, xs, labels, n_classes):
         modules = {m for uses in self.covered.values() for m, _ in uses}
         calls: dict = {m: [] for m in modules}
-        handles = [m.register_forward_hook(lambda mod, inp, out: calls[mod].append((inp[0], out))) for m in modules]
+        n = labels.shape[0]
+
+        def hook(module, inp, out):
+            x = inp[0]
+            if n > 1 and out.dim() > 0 and out.shape[0] == 1:
+                # Computed once for the batch and broadcast (e.g. GPT-2's position embeddings): expand
+                # it, so that the gradient is taken per sample rather than summed over the batch.
+                out = out.expand(n, *out.shape[1:])
+                x = x.expand(n, *x.shape[1:]) if x.dim() > 0 and x.shape[0] == 1 else x
+                calls[module].append((x, out))
+                return out
+            calls[module].append((x, out))
+            return None
+
+        handles = [m.register_forward_hook(hook) for m in modules]
         try:
             out = self._call(xs)
         finally:
@@ -244,6 +265,16 @@ class FactorizedEngine:
         if role == "linear":
             a, dl = inp.reshape(n, -1, inp.shape[-1]), d.reshape(n, -1, d.shape[-1])
             return self._outer(name, dl, a, n, matrix)
+        if role == "conv1d":
+            a, dl = inp.reshape(n, -1, inp.shape[-1]), d.reshape(n, -1, d.shape[-1])
+            return self._outer(name, a, dl, n, matrix)
+        if role in ("bn_weight", "bn_bias"):
+            flat_d = d.reshape(n, d.shape[1], -1)
+            if role == "bn_bias":
+                return P.project_param(name, flat_d.sum(2))
+            shape = (1, -1) + (1,) * (inp.dim() - 2)
+            xhat = (inp - module.running_mean.reshape(shape)) / torch.sqrt(module.running_var.reshape(shape) + module.eps)
+            return P.project_param(name, (flat_d * xhat.reshape(n, d.shape[1], -1)).sum(2))
         if role == "conv":
             u = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
                          stride=module.stride)  # (n, in*kh*kw, L)
