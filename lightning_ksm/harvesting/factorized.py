@@ -30,6 +30,7 @@ BatchNorm uses running statistics). ``logits`` mode needs one backward pass per 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping
 
 import torch
@@ -174,6 +175,13 @@ class FactorizedEngine:
         self.const, self.sel, self.fmodel = base.const, base.sel, _Forward(model, forward_fn)
         self.fallback = None
         if fallback:
+            share = sum(projector.numels[n] for n in fallback) / max(1, projector.d)
+            warnings.warn(
+                f"factorized projection: {len(fallback)} selected parameter(s) {fallback[:5]} ({share:.1%} of the "
+                "selected weights) belong to layers it does not cover and go through the exact per-sample path, "
+                "which costs a per-sample forward and backward pass; leave them out with exclude= if they "
+                "do not matter", stacklevel=3,
+            )
             self.fallback = Engine(model, fallback, mode, projector.subset(fallback), weights, forward_fn, device,
                                    chunk_size)
         self.fallback_names = fallback

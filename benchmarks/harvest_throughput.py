@@ -1,0 +1,180 @@
+"""Harvest throughput against the machine's own limit, in one run (issue: real models at real speed).
+
+For each model, over the same batches (same batch size, one torch thread everywhere):
+
+- ``plain``: an ordinary training step's forward + backward of the mean loss (the machine's limit:
+  no harvest can be cheaper than one backward pass);
+- ``factorized``: ``harvest(projection="factorized")``, margin output: projected per-sample
+  gradients from one batched backward pass (``lightning_ksm.harvesting.factorized``);
+- ``per_sample``: today's default path, ``torch.func`` per-sample gradients + SJLT (k = 256).
+
+Models: the modular-arithmetic recipe's transformer (0.4M parameters; its free position
+parameter is excluded from the factorized run, which would otherwise send it through the exact
+per-sample fallback), a GPT-2-style ``transformers`` model built from a config (>= 10M parameters,
+random init), and a ResNet-18-shaped CNN (11M parameters; written here: torchvision's wheel does
+not install beside the project's torch pin on this machine). Each measurement runs in its own
+process, so peak memory (max RSS) is that path's alone.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/harvest_throughput.py [--quick]
+
+writes ``benchmarks/results/harvest_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+MODELS = ("modular_transformer", "gpt2_small", "resnet18")
+PATHS = ("plain", "factorized", "per_sample")
+
+
+def build(name: str):
+    """(model, batch inputs, labels, forward_fn, exclude) for one model, seeded."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "modular_transformer":
+        from recipes.modular_arithmetic import ModularTransformer
+
+        model = ModularTransformer(97)
+        x = torch.randint(0, 99, (64, 4))
+        return model, x, torch.randint(0, 97, (64,)), None, ["pos"]
+    if name == "gpt2_small":
+        import transformers
+
+        cfg = transformers.GPT2Config(n_layer=6, n_embd=384, n_head=6, vocab_size=8000, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+
+        def last_logits(m, tokens):
+            return m(input_ids=tokens).logits[:, -1, :10]  # a 10-way classifier at the last position
+
+        return model, torch.randint(0, 8000, (16, 32)), torch.randint(0, 10, (16,)), last_logits, None
+    if name == "resnet18":
+        return _resnet18(), torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), None, None
+    raise ValueError(name)
+
+
+def _resnet18():
+    from torch import nn
+
+    def block(cin, cout, stride):
+        class Basic(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+                self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+                self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                             if stride != 1 or cin != cout else nn.Identity())
+
+            def forward(self, x):
+                h = self.b2(self.c2(nn.functional.relu(self.b1(self.c1(x)))))
+                return nn.functional.relu(h + self.skip(x))
+
+        return Basic()
+
+    layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [block(cin, cout, stride), block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers)
+
+
+def measure(name: str, path: str, repeats: int) -> dict:
+    """One (model, path) measurement in this process: samples/s (best of ``repeats``) and max RSS."""
+    import torch
+
+    from lightning_ksm.harvesting import Harvester, projector_for_model
+
+    torch.set_num_threads(1)
+    model, x, y, forward_fn, exclude = build(name)
+    n = len(y)
+    tasks = [0] * n
+    if path == "plain":
+        model.train()
+
+        def step():
+            out = forward_fn(model, x) if forward_fn else model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        kind, k = ("factorized", 256) if path == "factorized" else ("sjlt", 256)
+        proj = projector_for_model(model, kind, k, seed=0, exclude=exclude if path == "factorized" else None)
+        # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
+        harvester = Harvester(model, projector=proj, forward_fn=forward_fn,
+                              chunk_size=8 if path == "per_sample" else n)
+        session = harvester.session()
+        session.__enter__()
+
+        def step():
+            harvester.batch((x, y, tasks))
+    step()  # warm-up (projection blocks, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return {
+        "model": name, "path": path, "batch": n, "seconds_per_batch": best, "samples_per_s": n / best,
+        "params": sum(p.numel() for p in model.parameters()),
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 3
+    if args.one:
+        print(json.dumps(measure(*args.one, repeats=repeats)))
+        return
+    from _common import write_results
+
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for name in MODELS:
+        for path in PATHS:
+            cmd = [sys.executable, __file__, "--one", name, path] + (["--quick"] if args.quick else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if done.returncode != 0:
+                rows.append({"model": name, "path": path, "error": done.stderr.strip().splitlines()[-1:]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    ratios = {}
+    for name in MODELS:
+        by = {r["path"]: r for r in rows if r["model"] == name and "samples_per_s" in r}
+        if {"plain", "factorized", "per_sample"} <= set(by):
+            ratios[name] = {
+                "factorized_vs_plain": by["factorized"]["samples_per_s"] / by["plain"]["samples_per_s"],
+                "factorized_vs_per_sample": by["factorized"]["samples_per_s"] / by["per_sample"]["samples_per_s"],
+            }
+    write_results("harvest_throughput", {
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/harvest_throughput.py" + (" --quick" if args.quick else ""),
+        "threads": 1,
+        "targets": {"factorized_vs_plain": ">= 0.5", "factorized_vs_per_sample (gpt2_small)": ">= 10"},
+        "notes": ["margin output, k = 256 (per parameter for factorized; total for the SJLT per-sample path)",
+                  "best of 3 batches after one warm-up; each (model, path) in its own process"],
+        "rows": rows,
+        "ratios": ratios,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The callback, unchanged, on real architectures with the factorized harvest: a transformers GPT-2
+built from a config (random init, no download) and a residual CNN with BatchNorm (the ResNet-18
+building block; torchvision itself does not install beside the project's torch pin here). Each is
+trained on synthetic multi-task data with one planted harmful task (scrambled labels), and the
+report must rank that task last for the target."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning.pytorch as L
+
+from lightning_ksm import TaskAttribution
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+N_TASKS, HARMFUL = 4, 3
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, net, forward_fn=None, lr=3e-3):
+        super().__init__()
+        self.net, self.forward_fn, self.lr = net, forward_fn, lr
+
+    def forward(self, x):
+        return self.forward_fn(self.net, x) if self.forward_fn else self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _tasks(inputs, labels, n_per_task, seed):
+    """Four tasks sharing one rule; task 3's labels are scrambled."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(N_TASKS).repeat_interleave(n_per_task)
+    y = labels.clone()
+    bad = t == HARMFUL
+    y[bad] = torch.randint(0, 2, (int(bad.sum()),), generator=g)
+    return TensorDataset(inputs, y, t)
+
+
+def _fit_and_rank(tmp_path, module, train, val, epochs):
+    L.seed_everything(0, verbose=False)
+    cb = TaskAttribution(projection="factorized", proj_dim=64, n_subsets=40, progress=False,
+                         raise_on_analysis_error=True, dirpath=str(tmp_path / "ksm"))
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=64))
+    assert cb.report.config["callback"]["projection"] == "factorized"
+    return [task for task, _ in cb.report.ranked("all")]
+
+
+def test_gpt2_from_a_config_ranks_the_scrambled_task_last(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=12, n_positions=8,
+                                  bos_token_id=0, eos_token_id=0)
+    net = transformers.GPT2LMHeadModel(cfg)
+
+    def two_way(m, tokens):
+        return m(input_ids=tokens).logits[:, -1, :2]
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(2, 12, (n, 6), generator=g)
+        return tokens, (tokens[:, 0] > 6).long()  # the rule: is the first token large?
+
+    train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
+    val_x, val_y = data(64, 3)
+    val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
+    ranked = _fit_and_rank(tmp_path, Classifier(net, two_way), train, val, epochs=4)
+    assert ranked[-1] == str(HARMFUL), ranked
+
+
+def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path):
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(), Block(4),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2))
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 1, 6, 6, generator=g)
+        return x, (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long()  # top half brighter?
+
+    train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
+    val_x, val_y = data(64, 3)
+    val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
+    ranked = _fit_and_rank(tmp_path, Classifier(net), train, val, epochs=4)
+    assert ranked[-1] == str(HARMFUL), ranked
