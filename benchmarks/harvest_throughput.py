@@ -1,6 +1,6 @@
 """Harvest throughput against the machine's own limit, in one run (issue: real models at real speed).
 
-For each model, over the same batches (same batch size, one torch thread everywhere):
+For each model, over the same batch (same batch size, one torch thread everywhere):
 
 - ``plain``: an ordinary training step's forward + backward of the mean loss (the machine's limit:
   no harvest can be cheaper than one backward pass);
@@ -12,8 +12,9 @@ Models: the modular-arithmetic recipe's transformer (0.4M parameters; its free p
 parameter is excluded from the factorized run, which would otherwise send it through the exact
 per-sample fallback), a GPT-2-style ``transformers`` model built from a config (>= 10M parameters,
 random init), and a ResNet-18-shaped CNN (11M parameters; written here: torchvision's wheel does
-not install beside the project's torch pin on this machine). Each measurement runs in its own
-process, so peak memory (max RSS) is that path's alone.
+not install beside the project's torch pin on this machine). The paths of one model are timed
+interleaved in one process (a shared machine loads them alike); peak memory (max RSS) is measured
+for each path alone in a fresh process.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/harvest_throughput.py [--quick]
 
@@ -94,16 +95,14 @@ def _resnet18():
     return nn.Sequential(*layers)
 
 
-def measure(name: str, path: str, repeats: int) -> dict:
-    """One (model, path) measurement in this process: samples/s (best of ``repeats``) and max RSS."""
+def _step(name: str, path: str):
+    """``(step, model, batch size)``: one batch of ``path`` on model ``name``, set up once."""
     import torch
 
     from lightning_ksm.harvesting import Harvester, projector_for_model
 
-    torch.set_num_threads(1)
     model, x, y, forward_fn, exclude = build(name)
     n = len(y)
-    tasks = [0] * n
     if path == "plain":
         model.train()
 
@@ -111,52 +110,79 @@ def measure(name: str, path: str, repeats: int) -> dict:
             out = forward_fn(model, x) if forward_fn else model(x)
             torch.nn.functional.cross_entropy(out, y).backward()
             model.zero_grad(set_to_none=True)
-    else:
-        kind, k = ("factorized", 256) if path == "factorized" else ("sjlt", 256)
-        proj = projector_for_model(model, kind, k, seed=0, exclude=exclude if path == "factorized" else None)
-        # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
-        harvester = Harvester(model, projector=proj, forward_fn=forward_fn,
-                              chunk_size=8 if path == "per_sample" else n)
-        session = harvester.session()
-        session.__enter__()
 
-        def step():
-            harvester.batch((x, y, tasks))
-    step()  # warm-up (projection blocks, allocator)
-    best = float("inf")
+        return step, model, n
+    kind = "factorized" if path == "factorized" else "sjlt"
+    proj = projector_for_model(model, kind, 256, seed=0, exclude=exclude if path == "factorized" else None)
+    # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
+    harvester = Harvester(model, projector=proj, forward_fn=forward_fn, chunk_size=8 if path == "per_sample" else n)
+    harvester.session().__enter__()  # eval mode etc. for the rest of this process
+    return (lambda: harvester.batch((x, y, [0] * n))), model, n
+
+
+def measure_memory(name: str, path: str) -> dict:
+    """Max RSS of one batch of ``path`` (run alone in a fresh process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    step, _, _ = _step(name, path)
+    step()
+    return {"model": name, "path": path, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_speed(name: str, repeats: int) -> list:
+    """Samples/s of every path on model ``name``, interleaved round by round (the machine is shared:
+    interleaving exposes all paths to the same load), best round per path."""
+    import torch
+
+    torch.set_num_threads(1)
+    steps = {path: _step(name, path) for path in PATHS}
+    for step, _, _ in steps.values():
+        step()  # warm-up (projection blocks, allocator)
+    best = dict.fromkeys(PATHS, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return {
-        "model": name, "path": path, "batch": n, "seconds_per_batch": best, "samples_per_s": n / best,
-        "params": sum(p.numel() for p in model.parameters()),
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+        for path, (step, _, _) in steps.items():
+            start = time.perf_counter()
+            step()
+            best[path] = min(best[path], time.perf_counter() - start)
+    return [{"model": name, "path": path, "batch": steps[path][2], "seconds_per_batch": best[path],
+             "samples_per_s": steps[path][2] / best[path],
+             "params": sum(p.numel() for p in steps[path][1].parameters())} for path in PATHS]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--speed", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
-    if args.one:
-        print(json.dumps(measure(*args.one, repeats=repeats)))
+    if args.memory:
+        print(json.dumps(measure_memory(*args.memory)))
+        return
+    if args.speed:
+        print(json.dumps(measure_speed(args.speed, repeats)))
         return
     from _common import write_results
 
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    def run(*extra):
+        cmd = [sys.executable, __file__, *extra] + (["--quick"] if args.quick else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1:]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     for name in MODELS:
-        for path in PATHS:
-            cmd = [sys.executable, __file__, "--one", name, path] + (["--quick"] if args.quick else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if done.returncode != 0:
-                rows.append({"model": name, "path": path, "error": done.stderr.strip().splitlines()[-1:]})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+        speed = run("--speed", name)
+        if isinstance(speed, dict):  # the model could not be built or run
+            rows += [{"model": name, "path": path, **speed} for path in PATHS]
+            continue
+        for row in speed:
+            row.update({k: v for k, v in run("--memory", name, row["path"]).items() if k not in ("model", "path")})
+            rows.append(row)
+            print(row, flush=True)
     ratios = {}
     for name in MODELS:
         by = {r["path"]: r for r in rows if r["model"] == name and "samples_per_s" in r}
@@ -170,7 +196,9 @@ def main() -> None:
         "threads": 1,
         "targets": {"factorized_vs_plain": ">= 0.5", "factorized_vs_per_sample (gpt2_small)": ">= 10"},
         "notes": ["margin output, k = 256 (per parameter for factorized; total for the SJLT per-sample path)",
-                  "best of 3 batches after one warm-up; each (model, path) in its own process"],
+                  "timing: the three paths of a model interleaved round by round in one process (the "
+                  "machine is shared), best of 3 rounds after a warm-up; memory: max RSS of one batch of "
+                  "each path alone in a fresh process"],
         "rows": rows,
         "ratios": ratios,
     })
