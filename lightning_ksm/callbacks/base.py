@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
-from ..fileio import atomic_torch_save
+from ..fileio import WriteFailedError, atomic_torch_save, ensure_free_space, remove_temp_files
 from ..rundir import RunDirectory
 from .loggers import log_report
 
@@ -34,7 +34,8 @@ class AttributionCallbackBase:
         self.raise_on_analysis_error = bool(raise_on_analysis_error)
         # Run state (what state_dict saves: paths and progress, never arrays).
         self.output_dir: Optional[str] = None
-        self.w0_path: Optional[str] = None
+        self.w0_path: Optional[str] = None  # absolute
+        self.w0_sha256: Optional[str] = None  # what identifies W0 on resume
         self.report = None
         self.analysis_error: Optional[BaseException] = None
         self.timings: dict = {}
@@ -69,7 +70,8 @@ class AttributionCallbackBase:
         # after setup), so nothing is created on disk yet.
         if self.output_dir is None:
             chosen = os.fspath(self.dirpath) if self.dirpath is not None else self._default_dir(trainer)
-            self.output_dir = trainer.strategy.broadcast(chosen)
+            # Absolute: a resumed run started from another working directory finds the same files.
+            self.output_dir = trainer.strategy.broadcast(os.path.abspath(chosen))
 
     # -- checkpoint state -------------------------------------------------------------------------
     @property
@@ -79,7 +81,7 @@ class AttributionCallbackBase:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "output_dir": self.output_dir, "w0_path": self.w0_path,
-                **self._extra_state()}
+                "w0_sha256": self.w0_sha256, **self._extra_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         version = state_dict.get("version")
@@ -96,6 +98,7 @@ class AttributionCallbackBase:
             )
         self.output_dir = saved
         self.w0_path = state_dict.get("w0_path")
+        self.w0_sha256 = state_dict.get("w0_sha256")
         self._load_extra_state(state_dict)
         self._resumed = True
 
@@ -107,11 +110,27 @@ class AttributionCallbackBase:
 
     # -- W0 ---------------------------------------------------------------------------------------
     def _save_w0(self, trainer, state: Any) -> None:
-        """Write W0 to ``<output_dir>/w0.pt`` from rank 0 (atomically); every rank waits for it."""
-        self.w0_path = self.run_dir.w0
+        """Write W0 to ``<output_dir>/w0.pt`` from rank 0 (atomically, after a free-space check, with
+        leftovers of earlier attempts removed) and record its SHA-256; every rank waits for it."""
+        from .snapshot import file_sha256
+
+        self.w0_path = os.path.abspath(self.run_dir.w0)
+        digest = None
         if trainer.is_global_zero:
             os.makedirs(self.output_dir, exist_ok=True)
-            atomic_torch_save(state, self.w0_path)
+            remove_temp_files(self.w0_path)
+            values = state.values() if isinstance(state, dict) else ()
+            size = sum(t.numel() * t.element_size() for t in values if hasattr(t, "element_size"))
+            try:
+                ensure_free_space(self.output_dir, size, what="the W0 snapshot", kept="training has not started")
+                atomic_torch_save(state, self.w0_path)
+            except OSError as exc:
+                if isinstance(exc, WriteFailedError):
+                    raise
+                raise WriteFailedError(exc.errno, f"{self._name}: the W0 snapshot could not be written to "
+                                                  f"{self.w0_path} ({exc}); no partial file was left") from exc
+            digest = file_sha256(self.w0_path)
+        self.w0_sha256 = trainer.strategy.broadcast(digest)
         trainer.strategy.barrier("ksm_snapshot")
 
     # -- the end of fit ---------------------------------------------------------------------------
@@ -134,4 +153,6 @@ class AttributionCallbackBase:
             else:
                 self.report = report
                 log_report(trainer, report, self.report_dir)
+                print(f"{self._name}: report written to {self.report_dir} (open report.html, or run "
+                      f"`lightning-ksm show {self.output_dir}`)", flush=True)
         trainer.strategy.barrier("ksm_analysis")

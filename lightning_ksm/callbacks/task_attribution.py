@@ -26,14 +26,15 @@ import os
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from ..config import AnalysisConfig, HarvestConfig
-from ..harvesting.batches import BatchReader, as_loader_list, scan_task_ids
+from ..harvesting.batches import BatchReader
 from ..harvesting.params import select_parameters
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
+from .inputs import callback_warnings, check_data, named_plan
+from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, weights_from_file
 
 __all__ = ["TaskAttributionMixin"]
 
@@ -129,11 +130,17 @@ class TaskAttributionMixin(AttributionCallbackBase):
         n_groups: Optional[int] = None,
         best_subset_size: Optional[int] = None,
         max_exact: Optional[int] = None,
+        support: Optional[str] = None,
+        support_radius: Optional[int] = None,
+        rescore_top: Optional[int] = None,
+        max_exact_groupings: Optional[int] = None,
+        n_bootstrap: Optional[int] = None,
+        interval_level: Optional[float] = None,
     ) -> None:
         super().__init__(dirpath=dirpath, raise_on_analysis_error=raise_on_analysis_error)
         flat = dict(locals())
-        self.harvest = _with_overrides(HarvestConfig, harvest, {k: flat[k] for k in _HARVEST_FIELDS}, "harvest")
-        self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat[k] for k in _ANALYSIS_FIELDS}, "analysis")
+        self.harvest = _with_overrides(HarvestConfig, harvest, {k: flat.get(k) for k in _HARVEST_FIELDS}, "harvest")
+        self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat.get(k) for k in _ANALYSIS_FIELDS}, "analysis")
         self.task_names = list(task_names) if task_names is not None else None
         # Every setting fails here, not after training (those bounded by K once K is known).
         self.harvest.validate()
@@ -192,10 +199,10 @@ class TaskAttributionMixin(AttributionCallbackBase):
         self._param_names = select_parameters(pl_module, include=self.include, exclude=self.exclude)
         if not self._resumed:
             self._guard_stale_output(trainer)
-        if self.w0_path is not None and os.path.exists(self.w0_path):
-            self._w0 = torch.load(self.w0_path, map_location="cpu", weights_only=True)
+        if self._resumed and (self.w0_path is not None or self._snapshot_epoch in (0, None)):
+            self._reload_w0()  # found by its identity, never re-taken from trained weights
         elif self._snapshot_epoch is None:
-            self._load_snapshot_checkpoint(pl_module)
+            self._take_snapshot(trainer, pl_module, checkpoint_weights(self.snapshot, pl_module, self._param_names))
         elif self._snapshot_epoch == 0:
             self._take_snapshot(trainer, pl_module)
         if not self._checked:
@@ -207,7 +214,9 @@ class TaskAttributionMixin(AttributionCallbackBase):
             self._take_snapshot(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self._enabled(trainer) or trainer.sanity_checking or not getattr(trainer, "training", True):
+        # The first real validation of fit after the snapshot (inside fit, trainer.training is False
+        # during validation; trainer.validate() runs are not fit).
+        if not self._enabled(trainer) or trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
             return
         if self._w0 is not None and not self.harvest_complete:
             self._run_harvest(trainer, pl_module)
@@ -215,7 +224,9 @@ class TaskAttributionMixin(AttributionCallbackBase):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self._enabled(trainer):
             return
-        if self._w0 is None:
+        if not self.harvest_complete and self._w0 is None and self._resumed and self.w0_path is not None:
+            self._reload_w0()  # resumed after the last epoch: on_train_start did not run
+        if not self.harvest_complete and self._w0 is None:
             rank_zero_warn(f"TaskAttribution: no W0 snapshot was taken (snapshot={self.snapshot!r} never came); "
                            "nothing to analyse")
             return
@@ -225,8 +236,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
         self._finish(
             trainer,
-            lambda: analyze_store(self.harvest_dir, self.analysis, progress=self.progress, timings=self.timings,
-                                  extra_config=self._config_record()),
+            lambda: self._analyze(analyze_store, trainer),
             rerun_hint=(f"The harvest is kept in {self.harvest_dir}; rerun the analysis with "
                         f"`lightning-ksm analyze {self.harvest_dir}` (or lightning_ksm.analyze_store)."),
         )
@@ -258,71 +268,50 @@ class TaskAttributionMixin(AttributionCallbackBase):
         trainer.strategy.barrier("ksm_guard")
 
     # -- snapshot -------------------------------------------------------------------------------
-    def _take_snapshot(self, trainer, pl_module) -> None:
-        state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
-        state.update({n: b.detach().to("cpu", copy=True) for n, b in pl_module.named_buffers()})
+    def _take_snapshot(self, trainer, pl_module, state: Optional[dict] = None) -> None:
+        """W0 = the model's weights now (or ``state``, from snapshot=<checkpoint>), saved to w0.pt."""
+        if state is None:
+            state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
+            state.update({n: b.detach().to("cpu", copy=True) for n, b in pl_module.named_buffers()})
         self._w0 = state
         self._save_w0(trainer, state)
 
-    def _load_snapshot_checkpoint(self, pl_module) -> None:
-        path = self.snapshot
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"snapshot checkpoint {path!r} does not exist (snapshot= expects 'fit_start', 'epoch:N' or a path)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"snapshot checkpoint {path!r} holds no state_dict")
-        own = dict(pl_module.named_parameters())
-        missing = [n for n in self._param_names if n not in state]
-        if missing:
-            raise ValueError(f"snapshot checkpoint {path!r} lacks parameter(s) {missing[:5]}")
-        bad = [n for n in self._param_names if tuple(state[n].shape) != tuple(own[n].shape)]
-        if bad:
-            raise ValueError(f"snapshot checkpoint {path!r} has other shapes for parameter(s) {bad[:5]}")
-        self._w0 = {n: t.detach().to("cpu", copy=True) for n, t in state.items() if isinstance(t, torch.Tensor)}
-        self.w0_path = os.path.abspath(path)
+    def _reload_w0(self) -> None:
+        if self.w0_path is None:
+            raise MissingSnapshotError("TaskAttribution: the checkpoint's callback state records no W0 snapshot; "
+                                       "it was not taken by this callback. Start a new run")
+        here = [self.w0_path, self.run_dir.w0 if self.output_dir else None,
+                os.path.join(os.path.abspath(self.dirpath), "w0.pt") if self.dirpath is not None else None]
+        self.w0_path = os.path.abspath(find_w0(here, self.w0_sha256))
+        self._w0 = weights_from_file(self.w0_path)
 
     # -- data -----------------------------------------------------------------------------------
     def _plan(self, trainer) -> list:
-        """``[(split, loader), ...]``: the source loaders, then the target loaders."""
-        if isinstance(self.source, str):
-            source = trainer.train_dataloader
-            if source is None:
-                raise ValueError("TaskAttribution(source='train') found no train dataloader")
-        else:
-            source = self.source
-        if isinstance(self.target, str):
-            target = trainer.val_dataloaders
-            if target is None:
-                raise ValueError(
-                    "TaskAttribution(target='val') needs validation data: define val_dataloader / pass "
-                    "val_dataloaders to fit, or give target= a DataLoader"
-                )
-        else:
-            target = self.target
-        return ([("source", dl) for dl in as_loader_list(source, "source")]
-                + [("target", dl) for dl in as_loader_list(target, "target")])
+        """``[(split, loader, description, reader), ...]``: the source loaders, then the target loaders."""
+        return named_plan(self, trainer)
+
+    def _show_progress(self, trainer) -> bool:
+        """Progress bars only when asked for and the Trainer shows its own (enable_progress_bar)."""
+        return bool(self.progress and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None))
 
     def _runner(self, trainer, pl_module, weights=None) -> HarvestRunner:
         return HarvestRunner(
             pl_module, self.harvest_dir, config=self.harvest, reader=self.reader, weights=weights,
             forward_fn=self.forward_fn, rank=trainer.global_rank, world=trainer.world_size,
-            progress=self.progress and trainer.is_global_zero, meta={"w0_path": self.w0_path},
+            progress=self._show_progress(trainer), meta={"w0_path": self.w0_path, "w0_sha256": self.w0_sha256},
         )
 
     def _check_first_batches(self, trainer, pl_module) -> None:
+        """Before the first step: the first batches through the model (probe), then every sample."""
         plan = self._plan(trainer)
-        if self.task_names is not None:
-            tasks = self.task_names
-        else:
-            tasks = scan_task_ids([dl for split, dl in plan if split == "source"], self.reader)
-        if len(set(tasks)) < 2:
-            raise ValueError(
-                f"task attribution needs at least 2 source tasks; the source data has task ids {list(tasks)} "
-                "(check task_key, or that every task is in the training data)"
-            )
+        n_classes = self._runner(trainer, pl_module).probe(plan)
+        tasks = check_data(self, plan, n_classes)
         self.analysis.validate(len(set(tasks)))  # settings bounded by K, before the first step
-        self._runner(trainer, pl_module).probe(plan)
+
+    def _analyze(self, analyze_store, trainer):
+        with callback_warnings():
+            return analyze_store(self.harvest_dir, self.analysis, progress=self._show_progress(trainer),
+                                 timings=self.timings, extra_config=self._config_record())
 
     # -- harvest --------------------------------------------------------------------------------
     def _run_harvest(self, trainer, pl_module) -> None:

@@ -134,6 +134,7 @@ class HarvestRunner:
 
         Task ids are readable, the output mode fits the model's output, labels fit the mode and
         gradients are finite: bad input fails here (before training) rather than after training.
+        Returns the number of classes the model outputs (None for scalar modes).
         """
         harvester = self._make_harvester(None)
         device = harvester.device
@@ -151,6 +152,7 @@ class HarvestRunner:
                                      tolist(task_ids)[probe]))
                 except (ValueError, TypeError) as exc:
                     raise type(exc)(_where(name, key, index, exc)) from exc
+        return harvester._n_classes
 
     def initialize_store(self) -> None:
         """Create (or check against) the store's manifest: projector, output mode, parameters."""
