@@ -102,6 +102,21 @@ class AttributionCallbackBase:
         self._load_extra_state(state_dict)
         self._resumed = True
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Resuming with another ``dirpath`` changes the ``state_key``, and Lightning would then treat
+        this callback as new (and a new W0 would be taken from trained weights): adopt the one state
+        of this callback type in the checkpoint instead (``load_state_dict`` warns about the dirpath)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        mine = [v for k, v in states.items() if isinstance(k, str) and k.startswith(prefix) and isinstance(v, dict)]
+        if len(mine) == 1:
+            self.load_state_dict(mine[0])
+        elif len(mine) > 1:
+            rank_zero_warn(f"{self._name}: the checkpoint holds {len(mine)} {self._name} states and none has this "
+                           f"callback's dirpath={self.dirpath!r}; pass the dirpath the run was started with")
+
     def _extra_state(self) -> dict:
         return {}
 

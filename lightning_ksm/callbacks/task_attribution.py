@@ -287,7 +287,11 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
     # -- data -----------------------------------------------------------------------------------
     def _plan(self, trainer) -> list:
-        """``[(split, loader, description, reader), ...]``: the source loaders, then the target loaders."""
+        """``[(split, loader), ...]``: the source loaders, then the target loaders."""
+        return [entry[:2] for entry in named_plan(self, trainer)]
+
+    def _harvest_plan(self, trainer) -> list:
+        """``[(split, loader, description, reader), ...]``, as the harvest runner reads them."""
         return named_plan(self, trainer)
 
     def _show_progress(self, trainer) -> bool:
@@ -303,7 +307,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
     def _check_first_batches(self, trainer, pl_module) -> None:
         """Before the first step: the first batches through the model (probe), then every sample."""
-        plan = self._plan(trainer)
+        plan = self._harvest_plan(trainer)
         n_classes = self._runner(trainer, pl_module).probe(plan)
         tasks = check_data(self, plan, n_classes)
         self.analysis.validate(len(set(tasks)))  # settings bounded by K, before the first step
@@ -320,7 +324,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         if trainer.is_global_zero:
             runner.initialize_store()
         trainer.strategy.barrier("ksm_store_init")
-        runner.run(self._plan(trainer))
+        runner.run(self._harvest_plan(trainer))
         self.shards_computed += runner.shards_computed
         trainer.strategy.barrier("ksm_harvest")
         self.harvest_complete = True
