@@ -11,13 +11,7 @@ import time
 
 import numpy as np
 
-from .readouts import (
-    best_subset,
-    cotraining_groups,
-    ensemble_scores,
-    interaction_matrix,
-    loo_scores,
-)
+from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
 from .estimation import gradex
 from .features import HarvestedFeatures
@@ -29,8 +23,7 @@ from .surrogates import KernelSurrogate, LinearSurrogate
 __all__ = ["AnalysisConfig", "analyze", "run_analysis", "report_from_losses", "analyze_store", "present_tasks_only"]
 
 
-def _default_groups(K: int) -> int:
-    return int(min(K, max(2, round(np.sqrt(K / 2)))))
+_default_groups = default_groups  # the earlier private name
 
 
 def run_analysis(
@@ -75,7 +68,9 @@ def run_analysis(
     fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss}
     return report_from_losses(
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
-        timings=timings, extra_config=extra, extra_fit_quality=fit_extra,
+        timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0,
+        # best-subset candidates are re-scored by the same estimator (GradEx) that gave F^
+        rescore=lambda masks: gradex(source, target, masks, lam=cfg.lam, loss=cfg.loss, weighting=cfg.weighting).losses,
     )
 
 
@@ -89,12 +84,17 @@ def report_from_losses(
     timings: dict | None = None,
     extra_config: dict | None = None,
     extra_fit_quality: dict | None = None,
+    rescore=None,
+    loss_lower_bound: float | None = None,
 ) -> AttributionReport:
     """Surrogate fit, fit quality and every readout, from outcomes already measured or estimated.
 
     ``S`` is the (m, K) subset matrix and ``F`` the (m, T) losses on those subsets (from GradEx, real
     retraining or RL rollouts). The kernel surrogate (and, as a baseline, the linear one) is scored
-    on held-out subsets, refitted on all of them, and read out into an :class:`AttributionReport`.
+    on held-out subsets, refitted on all of them, and read out into an :class:`AttributionReport`
+    with bootstrap intervals (:mod:`lightning_ksm.assemble`). ``rescore(masks) -> (n, T)`` losses
+    (e.g. GradEx) re-scores the best-subset candidates; ``loss_lower_bound`` is the lowest possible
+    loss (default 0 when every F is >= 0, else unknown): no prediction below it is recommended.
     """
     cfg = AnalysisConfig.coerce(config)
     task_names = [str(t) for t in task_names]
@@ -131,44 +131,13 @@ def report_from_losses(
     linear = LinearSurrogate().fit(S, F)
     timings["surrogate"] = time.perf_counter() - start
 
-    # 4. readouts.
+    # 4. readouts, with intervals, inside the surrogate's support (see assemble.py).
     start = time.perf_counter()
-    scores = {
-        "ensemble": ensemble_scores(surrogate, n_samples=cfg.ensemble_samples, seed=cfg.seed),
-        "loo": loo_scores(surrogate),
-        # The linear surrogate's coefficients, as a baseline: -b_k is the loss drop from task k.
-        "linear": -np.atleast_2d(linear.coef_).T.reshape(K, -1),
-    }
-    interactions = interaction_matrix(surrogate)
-    full_loss = surrogate.predict(np.ones((1, K)))[0]
-    best = []
-    for t, name in enumerate(target_names):
-        b = best_subset(surrogate, size=cfg.best_subset_size, target=t, max_exact=cfg.max_exact, seed=cfg.seed)
-        best.append({
-            "target": name,
-            "size": len(b.tasks),
-            "tasks": [task_names[i] for i in b.tasks],
-            "predicted_loss": b.predicted_loss,
-            "full_set_loss": float(full_loss[t]),
-            "exact": b.exact,
-        })
-    groups = []
-    if all(name in target_names for name in task_names):
-        n_groups = cfg.n_groups or _default_groups(K)
-        cols = np.array([target_names.index(name) for name in task_names])
-        for g in cotraining_groups(surrogate, n_groups, target_columns=cols, seed=cfg.seed,
-                                   ensemble_samples=cfg.ensemble_samples):
-            groups.append({
-                "tasks": [task_names[i] for i in g.tasks],
-                "predicted_loss": g.predicted_loss,
-                "member_losses": dict(zip([task_names[i] for i in g.tasks], g.member_losses)),
-                "all_tasks_loss": g.all_tasks_loss,
-            })
-    else:
-        notes.append(
-            "co-training groups need every source task to also be a target (the same task ids in "
-            "the target data); they were skipped"
-        )
+    if loss_lower_bound is None and np.nanmin(F) >= 0:
+        loss_lower_bound = 0.0  # a loss never negative on m subsets is treated as a non-negative loss
+    out = assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, rescore=rescore,
+                            lower_bound=loss_lower_bound)
+    notes += out["notes"]
     timings["readouts"] = time.perf_counter() - start
 
     fit_quality = {
@@ -179,6 +148,8 @@ def report_from_losses(
         "n_train_subsets": quality["kernel"]["n_train_subsets"],
         "n_heldout_subsets": quality["kernel"]["n_heldout_subsets"],
         "surrogate": {"kernel": cfg.kernel, "gamma": surrogate.gamma_, "alpha": surrogate.alpha_},
+        "support": out["support"],
+        "loss_lower_bound": loss_lower_bound,
         **(extra_fit_quality or {}),
     }
     if notes:
@@ -187,11 +158,12 @@ def report_from_losses(
     report = AttributionReport(
         task_names=task_names,
         target_names=target_names,
-        scores=scores,
+        scores=out["scores"],
         default_method="ensemble",
-        interactions=interactions,
-        best_subsets=best,
-        groups=groups,
+        interactions=out["interactions"],
+        best_subsets=out["best_subsets"],
+        groups=out["groups"],
+        intervals=out["intervals"],
         fit_quality=fit_quality,
         subsets=S,
         losses=F,

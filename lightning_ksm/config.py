@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHTINGS",
     "KERNELS",
     "JACOBIAN_DTYPES",
+    "SUPPORT_MODES",
 ]
 
 OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
@@ -44,6 +45,7 @@ LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 JACOBIAN_DTYPES = ("float32", "float16")
+SUPPORT_MODES = ("distance", "size", "none")  # where subset searches may go (readouts/support.py)
 
 
 # -- checks: each returns None or raises ValueError("<name> must ..., got ...") ----------------------
@@ -257,6 +259,21 @@ class AnalysisConfig(_Settings):
                                               int_at_least(1, optional=True))
     max_exact: int = setting(50_000, "search the best subset exhaustively up to this many candidates, "
                              "else by local search", int_at_least(1))
+    support: str = setting(
+        "distance", "where best subsets and groups are searched: distance (sizes within the fitted "
+        "subsets' range and within support_radius of one of them), size (sizes only), none (anywhere)",
+        one_of(SUPPORT_MODES), choices=SUPPORT_MODES)
+    support_radius: Optional[int] = setting(
+        None, "Hamming distance limit of support=distance; None: the largest nearest-neighbour distance "
+        "among the fitted subsets", int_at_least(1, optional=True))
+    rescore_top: int = setting(5, "best-subset candidates per target re-scored with GradEx (when features "
+                               "are available); the recommendation is the one GradEx rates best", int_at_least(1))
+    max_exact_groupings: int = setting(
+        2_000_000, "choose co-training groups exhaustively up to this many groupings (K <= 16), else by "
+        "local search", int_at_least(1))
+    n_bootstrap: int = setting(100, "bootstrap replicates over the fitted subsets for the intervals of every "
+                               "score, interaction and recommendation; 0: no intervals", int_at_least(0))
+    interval_level: float = setting(0.9, "coverage of the bootstrap intervals", open_fraction())
 
     def validate(self, n_tasks: int | None = None) -> None:
         """Check every setting, and those bounded by the number of source tasks when it is known."""

@@ -30,12 +30,18 @@ _KERNELS = ("rbf", "poly", "polynomial", "linear")
 _SINGLE_THREAD_BELOW = 512
 
 
+_CONTROLLER = None
+
+
 def _blas_threads(m: int):
+    global _CONTROLLER
     if m >= _SINGLE_THREAD_BELOW:
         return nullcontext()
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    if _CONTROLLER is None:  # inspecting the loaded BLAS libraries costs ~10 ms: once per process
+        from threadpoolctl import ThreadpoolController  # a scikit-learn dependency
 
-    return threadpool_limits(1)
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1)
 _PREDICT_CHUNK = 8192
 
 
@@ -73,6 +79,7 @@ class LinearSurrogate(RegressorMixin, BaseEstimator):
         intercept_: scalar or (T,).
         inclusion_rate_: fraction of tasks included in the training subsets (used by
             :func:`lightning_ksm.readouts.ensemble_scores` to sample like the training design).
+        X_fit_: (m, K) training subsets (the readouts' support).
     """
 
     def __init__(self, alpha: float = 0.0, fit_intercept: bool = True):
@@ -98,6 +105,7 @@ class LinearSurrogate(RegressorMixin, BaseEstimator):
         self.intercept_ = float(intercept[0]) if self.single_output_ else intercept
         self.n_features_in_ = S.shape[1]
         self.inclusion_rate_ = float(S.mean())
+        self.X_fit_ = S
         return self
 
     def predict(self, S) -> np.ndarray:
@@ -163,6 +171,17 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
 
     def _gram(self, A: np.ndarray, B: np.ndarray, gamma: float | None) -> np.ndarray:
         name = self._kernel_name()
+        A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+        dot = A @ B.T
+        # Direct formulas (scikit-learn's pairwise_kernels validates its inputs on every call, which
+        # dominated the bootstrap's many small refits).
+        if name == "linear":
+            return dot
+        if name == "rbf":
+            d2 = (A * A).sum(axis=1)[:, None] + (B * B).sum(axis=1)[None, :] - 2.0 * dot
+            return np.exp(-gamma * np.clip(d2, 0.0, None))
+        if name == "poly":
+            return (gamma * dot + self.coef0) ** self.degree
         params = {}
         if name in ("rbf", "poly"):
             params["gamma"] = gamma

@@ -18,7 +18,7 @@ LAYERS = {
     "data": {"features", "store"},
     "stages": {"harvesting", "estimation", "surrogates", "quality", "readouts"},
     "report": {"report"},
-    "analysis": {"analysis"},
+    "analysis": {"analysis", "assemble"},
     "adapters": {"callbacks", "_lightning", "pl", "cli", "retrain", "rl", "demo"},
 }
 ORDER = list(LAYERS)

@@ -405,8 +405,10 @@ def test_to_text_lists_tasks_in_ranked_order():
         section = text.split(f"== target '{target}' ==")[1].split("==")[0]
         positions = [section.index(f"  {task}") for task, _ in rep.ranked(target)]
         assert positions == sorted(positions), target
-        assert f"{rep.ranked(target)[0][1]:+.4g}" in section
-    assert text.index("== target 'all' ==") < text.index("== target 't1' ==")  # default target first
+        assert f"{rep.ranked(target)[0][1]:+.3g}" in section
+    # the targets the user cares about (validation groups that are not source tasks) lead
+    assert rep.focus_targets == ["t1", "t2"]
+    assert text.index("== target 't1' ==") < text.index("== target 'all' ==")
     assert "held-out LDS 0.830" in text and "alpha, <script>alert(1)</script>" in text
 
 
@@ -466,8 +468,9 @@ def test_html_score_heatmap_has_one_cell_per_task_and_target():
         i, j = int(c["data-row"]), int(c["data-col"])
         v = rep.scores["ensemble"][i, j]
         assert float(c["data-value"]) == v
-        assert c["title"] == f"{TASKS[i]} \u2192 {TARGETS[j]}: ensemble score {v:.6g}"
-        assert c["fill"] == diverging_color(v, np.abs(rep.scores["ensemble"]).max(), 1.0)
+        assert c["title"] == f"{TASKS[i]} \u2192 {TARGETS[j]}: ensemble score {v:.3g}"
+        # one colour scale per target column
+        assert c["fill"] == diverging_color(v, np.abs(rep.scores["ensemble"][:, j]).max(), 1.0)
         seen.add((i, j))
     assert len(seen) == K * T
 
@@ -480,10 +483,10 @@ def test_html_interaction_heatmap_cells_and_legend():
     assert len(parser.cells) == K * (K - 1)  # diagonal left blank
     for c in parser.cells:
         i, j = int(c["data-row"]), int(c["data-col"])
-        v = rep.interactions[2, i, j]  # the "all" target
+        v = rep.interactions[0, i, j]  # the first target of interest, t1
         assert i != j and float(c["data-value"]) == v
-        assert f"({'synergy' if v < 0 else 'antagonism'})" in c["title"]
-    assert "&lt; 0: synergy" in page and "&gt; 0: antagonism" in page
+        assert re.search(r"\((synergy|redundancy|compounding harm|redundant harm|masking)\)$", c["title"])
+    assert "synergy" in page and "compounding harm" in page and "masking" in page
     assert "the other 2 target(s) are in <code>interactions.csv</code>" in page
     assert "ksm-icell" not in make_report(interactions=None).to_html()
 
@@ -501,6 +504,7 @@ def test_html_lists_ranked_tables_subsets_groups_fit_and_versions():
     rep = make_report()
     page = rep.to_html()
     default = page.split("<summary>target all</summary>")[1].split("</details>")[0]
+    assert page.index("<summary>target t1</summary>") < page.index("<summary>target all</summary>")
     order = [default.index(f"<td>{t.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;').replace(chr(34), '&quot;').replace(chr(39), '&#x27;')}</td>")
              for t, _ in rep.ranked("all")]
     assert order == sorted(order)

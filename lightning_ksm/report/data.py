@@ -86,7 +86,11 @@ class AttributionReport:
         groups: list of dicts with at least ``"tasks"``; ``"predicted_loss"`` may be a float or a
             dict target -> float.
         fit_quality: JSON-able dict, e.g. ``heldout_lds``, ``heldout_residual_error``,
-            ``n_train_subsets``, ``n_heldout_subsets``, ``surrogate``.
+            ``n_train_subsets``, ``n_heldout_subsets``, ``surrogate``, ``support``.
+        intervals: JSON-able dict of bootstrap intervals (empty: none): ``level``, ``n_bootstrap``,
+            ``scores[method]["lo"/"hi"]`` as (K, T) lists, ``interactions`` with ``targets`` and
+            ``lo``/``hi`` (T_i, K, K) for those targets. Best subsets and groups carry their own
+            ``predicted_interval``.
         subsets: ``(m, K)`` 0/1 array of the subsets the surrogate was fitted on, or None.
         losses: ``(m, T)`` GradEx losses F^ on those subsets, or None.
         config: JSON-able dict of every setting of the run.
@@ -107,6 +111,7 @@ class AttributionReport:
     best_subsets: list = field(default_factory=list)
     groups: list = field(default_factory=list)
     fit_quality: dict = field(default_factory=dict)
+    intervals: dict = field(default_factory=dict)
     subsets: Any = None
     losses: Any = None
     config: dict = field(default_factory=dict)
@@ -184,7 +189,7 @@ class AttributionReport:
 
         if isinstance(self.seeds, (int, np.integer)) and not isinstance(self.seeds, bool):
             self.seeds = {"seed": int(self.seeds)}
-        for name in ("fit_quality", "config", "seeds", "timings"):
+        for name in ("fit_quality", "intervals", "config", "seeds", "timings"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
                 raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
@@ -218,6 +223,39 @@ class AttributionReport:
     def methods(self) -> tuple:
         """The score methods, default first."""
         return (self.default_method,) + tuple(m for m in self.scores if m != self.default_method)
+
+    @property
+    def focus_targets(self) -> list:
+        """The targets a user cares about, shown first: the validation groups that are not source
+        tasks and not the pooled "all"; when there is none, :attr:`default_target`."""
+        tasks = set(self.task_names)
+        out = [t for t in self.target_names if t not in tasks and t != "all"]
+        return out or [self.default_target]
+
+    def score_interval(self, method: str | None = None) -> np.ndarray | None:
+        """``(2, K, T)`` lower and upper bootstrap bounds of a method's scores, or None."""
+        entry = (self.intervals.get("scores") or {}).get(self._method(method))
+        if not entry:
+            return None
+        return np.array([entry["lo"], entry["hi"]], dtype=np.float64)
+
+    def interaction_interval(self, target: str | int | None = None) -> np.ndarray | None:
+        """``(2, K, K)`` bootstrap bounds of one target's interactions, or None when not computed."""
+        entry = self.intervals.get("interactions") or {}
+        name = self.target_names[self.target_index(target)]
+        if name not in entry.get("targets", []):
+            return None
+        i = entry["targets"].index(name)
+        return np.array([entry["lo"][i], entry["hi"][i]], dtype=np.float64)
+
+    def within_noise(self, task: str | int, target: str | int | None = None, method: str | None = None):
+        """True when the task's score interval contains 0 (its sign is not resolved), None without
+        intervals."""
+        iv = self.score_interval(method)
+        if iv is None:
+            return None
+        lo, hi = iv[:, self.task_index(task), self.target_index(target)]
+        return bool(lo <= 0 <= hi)
 
     @property
     def default_target(self) -> str:
@@ -342,6 +380,7 @@ class AttributionReport:
             "best_subsets": self.best_subsets,
             "groups": self.groups,
             "fit_quality": self.fit_quality,
+            "intervals": self.intervals,
             "config": self.config,
             "seeds": self.seeds,
             "timings": self.timings,

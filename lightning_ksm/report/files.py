@@ -15,6 +15,8 @@ Files written by :func:`save_report` (all atomically through :mod:`lightning_ksm
 ``interactions.npy``        the ``(T, K, K)`` interaction array (exact; read by ``load``). Kept out of
                             report.json because it grows as K^2: at K=500, T=10 it would make the
                             JSON 60 MB and slow to write and parse.
+``intervals.csv``           bootstrap intervals of every score, interaction, best subset and group
+                            (when the report has them; ``report.json`` has them too).
 ``best_subsets.json``       copy of the best subsets (convenience; ``report.json`` has them too).
 ``groups.json``             copy of the co-training groups (convenience).
 ``subsets.npy``             surrogate training subsets, ``(m, K)`` bool (when present).
@@ -45,6 +47,7 @@ import numpy as np
 
 from ..fileio import atomic_write_bytes, fsync_dir
 from .figures import render_figures
+from .intervals import intervals_csv
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import AttributionReport
@@ -159,6 +162,8 @@ def save_report(report: "AttributionReport", directory: str | os.PathLike, *, fi
     if report.interactions is not None:
         blobs["interactions.csv"] = _interactions_csv(report)
         blobs["interactions.npy"] = _npy_bytes(report.interactions)
+    if (intervals := intervals_csv(report, _csv_field)) is not None:
+        blobs["intervals.csv"] = intervals
     blobs["best_subsets.json"] = _json_bytes(report.best_subsets)
     blobs["groups.json"] = _json_bytes(report.groups)
     if report.subsets is not None:
@@ -286,6 +291,7 @@ def load_report(cls: type, directory: str | os.PathLike) -> "AttributionReport":
             best_subsets=payload.get("best_subsets", []),
             groups=payload.get("groups", []),
             fit_quality=payload.get("fit_quality", {}),
+            intervals=payload.get("intervals", {}),
             subsets=arrays.get("subsets"),
             losses=arrays.get("losses"),
             config=payload.get("config", {}),

@@ -55,8 +55,10 @@ def color_limit(values: np.ndarray) -> float:
     return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
 
 
-def _legend(x: float, y: float, vmax: float, good_sign: float, left: str, right: str, gid: str) -> str:
+def _legend(x: float, y: float, vmax: float, good_sign: float, left: str, right: str, gid: str,
+            ends: tuple | None = None) -> str:
     """A horizontal colour bar from -vmax to +vmax with words at both ends."""
+    lo_txt, hi_txt = ends or (format(-vmax, ".3g"), format(vmax, "+.3g"))
     w, h = 220.0, 12.0
     stops = "".join(
         f'<stop offset="{f:.2f}" stop-color="{diverging_color((2 * f - 1) * vmax, vmax, good_sign)}"/>'
@@ -66,9 +68,9 @@ def _legend(x: float, y: float, vmax: float, good_sign: float, left: str, right:
         f'<defs><linearGradient id="{gid}" x1="0" x2="1" y1="0" y2="0">{stops}</linearGradient></defs>'
         f'<g class="ksm-legend" transform="translate({x:.1f},{y:.1f})">'
         f'<rect width="{w}" height="{h}" fill="url(#{gid})" stroke="#999" stroke-width="0.5"/>'
-        f'<text x="0" y="{h + 13}" font-size="11">{e(format(-vmax, ".3g"))}</text>'
+        f'<text x="0" y="{h + 13}" font-size="11">{e(lo_txt)}</text>'
         f'<text x="{w / 2}" y="{h + 13}" font-size="11" text-anchor="middle">0</text>'
-        f'<text x="{w}" y="{h + 13}" font-size="11" text-anchor="end">{e(format(vmax, "+.3g"))}</text>'
+        f'<text x="{w}" y="{h + 13}" font-size="11" text-anchor="end">{e(hi_txt)}</text>'
         f'<text x="0" y="{h + 27}" font-size="11">\u2190 {e(left)}</text>'
         f'<text x="{w}" y="{h + 27}" font-size="11" text-anchor="end">{e(right)} \u2192</text>'
         "</g>"
@@ -93,8 +95,12 @@ def heatmap_svg(
     skip_diagonal: bool = False,
     row_ids: list | None = None,
     col_ids: list | None = None,
+    column_scale: bool = False,
 ) -> str:
     """An inline ``<svg>`` heatmap; each cell is a ``<rect class=cell_class>`` with a ``<title>``.
+
+    ``column_scale``: one colour scale per column (its largest |value|), so that one column with
+    large values does not wash out the others; the legend then reads in units of each column's maximum.
 
     Cells carry ``data-row``, ``data-col`` (``row_ids``/``col_ids`` when given, e.g. the original
     task indices of a shown sub-matrix, else positions) and ``data-value`` (the exact float ``repr``).
@@ -103,6 +109,7 @@ def heatmap_svg(
     col_ids = list(range(values.shape[1])) if col_ids is None else col_ids
     R, C = values.shape
     vmax = color_limit(values if not skip_diagonal else np.where(np.eye(R, C, dtype=bool), np.nan, values))
+    col_vmax = [color_limit(values[:, j]) for j in range(C)] if column_scale else [vmax] * C
     row_w = max(len(_short(r)) for r in row_labels) * _CHAR_W + 12
     col_len = max(len(_short(c)) for c in col_labels) * _CHAR_W
     top = col_len * 0.72 + 16  # labels are rotated by 45 degrees
@@ -137,19 +144,23 @@ def heatmap_svg(
                 )
                 continue
             v = float(values[i, j])
-            fill = diverging_color(v, vmax, good_sign)
+            fill = diverging_color(v, col_vmax[j], good_sign)
             parts.append(
                 f'<rect class="{cell_class}" data-row="{row_ids[i]}" data-col="{col_ids[j]}" data-value="{e(repr(v))}" '
                 f'x="{x:.1f}" y="{y:.1f}" width="{cell_w:.1f}" height="{cell_h:.1f}" fill="{fill}" '
                 f'stroke="#fff" stroke-width="0.5"><title>{e(tooltip(i, j, v))}</title></rect>'
             )
             if show_values:
-                strong = math.isfinite(v) and abs(v) / vmax > 0.6
+                strong = math.isfinite(v) and abs(v) / col_vmax[j] > 0.6
                 parts.append(
                     f'<text x="{x + cell_w / 2:.1f}" y="{y + cell_h / 2 + 4:.1f}" font-size="10" '
                     f'text-anchor="middle" pointer-events="none" fill="{"#fff" if strong else "#222"}">'
                     f"{e(format(v, '.2g'))}</text>"
                 )
-    parts.append(_legend(left, top + R * cell_h + 12, vmax, good_sign, legend_left, legend_right, gid))
+    if column_scale:
+        parts.append(_legend(left, top + R * cell_h + 12, 1.0, good_sign, legend_left, legend_right, gid,
+                             ends=("\u2212max of column", "+max of column")))
+    else:
+        parts.append(_legend(left, top + R * cell_h + 12, vmax, good_sign, legend_left, legend_right, gid))
     parts.append("</svg>")
     return "".join(parts)

@@ -1,0 +1,127 @@
+"""Intervals for every readout: a seeded bootstrap over the m fitted subsets.
+
+Each replicate refits a clone of the surrogate on m subsets drawn with replacement from the fitted
+ones (a kernel surrogate keeps the gamma and alpha chosen on the full data, so a replicate costs
+one m x m solve) and recomputes the readouts on the *same* evaluation designs (the same ensemble
+subsets, the same query subsets: common random numbers, so a difference between two tasks in a
+replicate is a real difference of that replicate's fit). The intervals at ``level`` are the basic
+(reflected) bootstrap ``[2 x - q_hi, 2 x - q_lo]`` around the point estimate x: a ridge fit on a
+resample with repeated rows shrinks more than the fit on all rows, and reflecting the percentiles
+corrects that shift instead of copying it (plain percentiles left estimates at the interval's edge).
+
+What the intervals cover: the variation of the readout over resampled training subsets (the
+surrogate's estimation noise given the outcomes, including noise in those outcomes). They do not
+cover the error of the outcomes themselves (GradEx's linearization or a different seed of real
+training) nor the choice of gamma and alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import clone
+
+from .scores import _ensemble_from, _interactions_from, _predict2d, interaction_design
+
+__all__ = ["bootstrap_readouts", "BootstrapDraws", "percentile_interval", "basic_interval"]
+
+
+def percentile_interval(draws: np.ndarray, level: float, axis: int = 0) -> np.ndarray:
+    """``(2, ...)`` lower and upper percentiles of ``draws`` along ``axis`` at coverage ``level``."""
+    a = (1.0 - level) / 2.0
+    return np.quantile(draws, [a, 1.0 - a], axis=axis)
+
+
+def basic_interval(draws: np.ndarray, estimate, level: float) -> np.ndarray:
+    """``(2, ...)`` basic bootstrap interval ``[2 x - q_hi, 2 x - q_lo]`` of the estimate ``x``
+    (the replicates along axis 0)."""
+    q = percentile_interval(draws, level)
+    x = np.asarray(estimate, dtype=np.float64)
+    return np.stack([2 * x - q[1], 2 * x - q[0]])
+
+
+@dataclass
+class BootstrapDraws:
+    """Replicate readouts: ``ensemble`` / ``loo`` (B, K, T), ``interactions`` (B, T_i, K, K) for the
+    columns ``interaction_columns``, ``queries`` (B, Q, T) predictions on the query subsets."""
+
+    level: float
+    n_boot: int
+    ensemble: np.ndarray | None = None
+    loo: np.ndarray | None = None
+    interactions: np.ndarray | None = None
+    interaction_columns: list = field(default_factory=list)
+    queries: np.ndarray | None = None
+
+    def interval(self, name: str) -> np.ndarray:
+        """``(2, ...)`` percentile interval of one kind of draw."""
+        return percentile_interval(getattr(self, name), self.level)
+
+
+def _fixed(surrogate):
+    """A clone with the selected hyperparameters fixed (no selection per replicate)."""
+    est = clone(surrogate)
+    params = est.get_params()
+    for name in ("gamma", "alpha"):
+        value = getattr(surrogate, name + "_", None)
+        if name in params and value is not None:
+            est.set_params(**{name: value})
+    return est
+
+
+def bootstrap_readouts(
+    surrogate,
+    S,
+    F,
+    *,
+    n_boot: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
+    ensemble_subsets=None,
+    queries=None,
+    interaction_columns=(),
+    readouts=("ensemble", "loo"),
+) -> BootstrapDraws:
+    """Bootstrap the readouts of ``surrogate`` (fitted on ``S`` (m, K), ``F`` (m, T)).
+
+    Args:
+        n_boot: replicates.
+        level: coverage of the intervals (e.g. 0.9).
+        seed: seed of the resampling.
+        ensemble_subsets: the subsets of the ensemble score (same as the point estimate's; required
+            for ``"ensemble"``).
+        queries: (Q, K) subsets whose predicted losses are drawn (recommended subsets, groups).
+        interaction_columns: target columns whose interaction matrices are drawn.
+        readouts: which of "ensemble" and "loo" to draw.
+    """
+    S = np.asarray(S, dtype=bool)
+    F = np.asarray(F, dtype=np.float64).reshape(len(S), -1)
+    m, K = S.shape
+    rng = np.random.default_rng(seed)
+    est = _fixed(surrogate)
+    cols = [int(c) for c in interaction_columns]
+    loo_design = np.vstack([np.ones((1, K)), 1.0 - np.eye(K)])
+    inter_design = interaction_design(K) if cols else None
+    Q = None if queries is None else np.asarray(queries, dtype=np.float64).reshape(-1, K)
+    out = BootstrapDraws(level=level, n_boot=n_boot, interaction_columns=cols)
+    ens, loo, inter, qd = [], [], [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, m, size=m)
+        if len(np.unique(S[idx], axis=0)) < 2:
+            idx = rng.permutation(m)
+        model = clone(est).fit(S[idx], F[idx])
+        if "ensemble" in readouts:
+            ens.append(_ensemble_from(ensemble_subsets, _predict2d(model, ensemble_subsets.astype(np.float64))))
+        if "loo" in readouts:
+            pred = _predict2d(model, loo_design)
+            loo.append(pred[1:] - pred[:1])
+        if cols:
+            inter.append(_interactions_from(K, _predict2d(model, inter_design)[:, cols]).astype(np.float32))
+        if Q is not None and len(Q):
+            qd.append(_predict2d(model, Q))
+    out.ensemble = np.stack(ens) if ens else None
+    out.loo = np.stack(loo) if loo else None
+    out.interactions = np.stack(inter) if inter else None
+    out.queries = np.stack(qd) if qd else None
+    return out
