@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_torch_save",
            "fsync_dir", "exclusive_lock", "WriteFailedError", "InsufficientSpaceError", "ensure_free_space",
-           "remove_temp_files", "is_out_of_space"]
+           "remove_temp_files", "is_out_of_space", "torch_load_safe"]
 
 #: Headroom kept free on top of a write's own size (metadata, other writers).
 SPACE_MARGIN = 16 * 2**20
@@ -138,6 +138,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, **kwargs) -> None:
     import torch
 
     atomic_write(path, lambda fh: torch.save(obj, fh), **kwargs)
+
+
+def torch_load_safe(path: str | os.PathLike, *, numpy: bool = False, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, no pickled code.
+    ``numpy=True`` also admits numpy arrays and dtypes (e.g. generator states in an RL snapshot)."""
+    import numpy as np
+    import torch
+
+    if not numpy:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += sorted({type(np.dtype(t)) for t in np.sctypeDict.values()}, key=str)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

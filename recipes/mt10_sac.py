@@ -60,6 +60,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `lightning_ksm` importable from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lightning_ksm.fileio import torch_load_safe  # noqa: E402
 from lightning_ksm.metrics import lds  # noqa: E402
 from lightning_ksm.rl.attribution import PolicyGradEx, RLAttributionConfig, attribute_policy  # noqa: E402
 from lightning_ksm.rl.envs import MT10_TASKS, resolve_env_names  # noqa: E402
@@ -277,7 +278,7 @@ def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads
     w0_path = os.path.join(out, "w0.pt")
     loaded = os.path.exists(w0_path)
     if loaded:
-        blob = torch.load(w0_path, weights_only=False)
+        blob = torch_load_safe(w0_path, numpy=True)
         snap, phases["pretrain"] = blob["snapshot"], blob["cost"]
         print(f"W0 loaded from {w0_path}", flush=True)
     else:
@@ -300,7 +301,7 @@ def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads
     # 2. the run continues on all tasks (the teacher), and attribution from W0 ------------------
     teacher_path = os.path.join(out, "teacher.pt")
     if os.path.exists(teacher_path):
-        blob = torch.load(teacher_path, weights_only=False)
+        blob = torch_load_safe(teacher_path, numpy=True)
         teacher, phases["continued_run"] = SACModule.from_snapshot(blob["snapshot"]), blob["cost"]
     else:
         teacher = SACModule.from_snapshot(snap, steps=cfg.finetune_steps)  # same RNG streams: the run goes on

@@ -251,13 +251,17 @@ def test_demo_prints_the_report_and_starts_from_a_fresh_harvest(tmp_path, capsys
     assert "report.html" in text and (out / "report" / "report.html").is_file()
     first = AttributionReport.load(out / "report")
     assert first.ranked(TARGET)[-1][0] == "noisy"
-    # A second run in the same directory must not reuse the first run's harvest (the callback
-    # resumes shards it finds): the demo's preparation step removes it.
+    # A second run in the same directory (`make demo` twice, issue 14 item 9) works and does not
+    # reuse the first run's harvest or W0: the demo's preparation step removes them.
     from lightning_ksm.demo import _prepare_out
 
-    assert (out / "harvest" / "manifest.json").is_file()
+    assert (out / "harvest" / "manifest.json").is_file() and (out / "w0.pt").is_file()
     _prepare_out(str(out))
-    assert not (out / "harvest").exists() and (out / "report" / "report.json").is_file()
+    assert not (out / "harvest").exists() and not (out / "w0.pt").exists()
+    assert (out / "report" / "report.json").is_file()
+    main(["--out", str(out), "--epochs", "1", "--no-verify"])
+    assert "report.html" in capsys.readouterr().out
+    assert AttributionReport.load(out / "report").ranked(TARGET)[-1][0] == "noisy"
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path):

@@ -194,3 +194,23 @@ def test_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "f").st_mode & 0o777 == 0o600
+
+
+class _Payload:
+    pass
+
+
+def test_snapshot_files_are_loaded_weights_only_everywhere(tmp_path):
+    """Item 4: no torch.load(weights_only=False) left; RL snapshots (numpy generator states) load safely."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for d in ("lightning_ksm", "recipes") for p in (root / d).rglob("*.py")
+                 if "weights_only=False" in p.read_text()]
+    assert offenders == []
+    rs = np.random.RandomState(0)
+    torch.save({"noise": rs.get_state(), "rng": np.random.default_rng(0).bit_generator.state}, tmp_path / "w0.pt")
+    assert fileio.torch_load_safe(tmp_path / "w0.pt", numpy=True)["noise"][0] == "MT19937"
+    torch.save({"x": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        fileio.torch_load_safe(tmp_path / "evil.pt", numpy=True)

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from ..callbacks.base import AttributionCallbackBase
+from ..fileio import torch_load_safe
 from .attribution import attribute_policy
 from .config import RLAttributionConfig
 
@@ -91,9 +92,8 @@ class RLTaskAttribution(AttributionCallbackBase, Callback):
             return
         if self._resumed and self.w0_path is not None and os.path.exists(self.w0_path):
             # A resumed run continues from its own W0, never from a new snapshot of trained weights.
-            # The file holds numpy replay-buffer state, which weights_only loading cannot read; it
-            # is this callback's own file in the run directory.
-            self.w0 = torch.load(self.w0_path, map_location="cpu", weights_only=False)
+            # Loaded weights-only; the numpy generator states in it are allowed explicitly.
+            self.w0 = torch_load_safe(self.w0_path, numpy=True)
         elif pl_module.iterations >= self.snapshot_at:
             self.w0 = pl_module.snapshot()
             self._save_w0(trainer, self.w0)
