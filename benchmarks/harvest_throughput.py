@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODELS = ("modular_transformer", "gpt2_small", "resnet18")
+_SESSIONS: list = []
 PATHS = ("plain", "factorized", "per_sample")
 
 
@@ -116,7 +117,9 @@ def _step(name: str, path: str):
     proj = projector_for_model(model, kind, 256, seed=0, exclude=exclude if path == "factorized" else None)
     # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
     harvester = Harvester(model, projector=proj, forward_fn=forward_fn, chunk_size=8 if path == "per_sample" else n)
-    harvester.session().__enter__()  # eval mode etc. for the rest of this process
+    session = harvester.session()  # eval mode etc. for the rest of this process (kept referenced:
+    session.__enter__()            # a collected session would restore train mode)
+    _SESSIONS.append(session)
     return (lambda: harvester.batch((x, y, [0] * n))), model, n
 
 
