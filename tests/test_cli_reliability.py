@@ -80,3 +80,12 @@ def test_show_and_analyze_look_inside_ksm_of_a_lightning_version_folder(tmp_path
     (version / "ksm" / "harvest").mkdir()
     (version / "ksm" / "harvest" / "manifest.json").write_text("{}")
     assert analyze_cli._find_harvest(str(version)) == version / "ksm" / "harvest"
+
+
+def test_ranked_takes_an_int_task_id_as_the_targets_name():
+    import numpy as np
+
+    scores = np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.5]])
+    report = AttributionReport(["0", "99"], ["0", "99", "all"], {"loo": scores})
+    assert report.ranked(99)[0][0] == "99" and report.ranked(0)[0][0] == "0"  # names, not positions
+    assert report.ranked(2) == report.ranked("all")  # an int that names no target is still a position

@@ -266,6 +266,8 @@ class AttributionReport:
         """Column index of ``target`` (a name or an index); None means :attr:`default_target`."""
         if target is None:
             return self._target_pos[self.default_target]
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and str(int(target)) in self._target_pos:
+            return self._target_pos[str(int(target))]  # an int task id names its target, never a position
         if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
             if not -self.n_targets <= int(target) < self.n_targets:
                 raise ValueError(f"target index {target} is out of range for {self.n_targets} targets")
