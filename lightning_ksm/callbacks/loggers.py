@@ -1,5 +1,7 @@
-"""Logging a report to the Trainer's loggers: the summary metrics everywhere, and a figure or a
-table where the logger supports one (TensorBoard image + text, W&B table)."""
+"""Logging a report to the Trainer's loggers: the summary metrics everywhere, and the report where
+the logger can hold it: TensorBoard (text report + score heatmap image), W&B (a ``ksm/scores``
+table and the HTML report as ``ksm/report``), MLflow (the report directory as the run's
+``ksm_report`` artifacts)."""
 
 from __future__ import annotations
 
@@ -35,5 +37,13 @@ def _log_rich(logger, report, report_dir: str, step: int) -> None:
         elif name == "WandbLogger":
             rows = [[t, task, float(s)] for t in report.target_names for task, s in report.ranked(target=t)]
             logger.log_table(key="ksm/scores", columns=["target", "task", "score"], data=rows, step=step)
+            html = os.path.join(report_dir, "report.html")
+            if os.path.exists(html):
+                import wandb
+
+                with open(html, encoding="utf-8") as fh:
+                    logger.experiment.log({"ksm/report": wandb.Html(fh.read(), inject=False)})
+        elif name == "MLFlowLogger":
+            logger.experiment.log_artifacts(logger.run_id, report_dir, artifact_path="ksm_report")
     except Exception as exc:
         rank_zero_warn(f"TaskAttribution: could not log a figure/table to {name}: {exc}")
