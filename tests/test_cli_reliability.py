@@ -47,6 +47,8 @@ def test_a_partial_harvest_exits_non_zero_unless_asked_for(tmp_path, capsys):
     assert report.fit_quality["partial_harvest"] is True
     assert report.fit_quality["notes"][0].startswith("PARTIAL HARVEST") and "24 of 40 samples" in report.fit_quality["notes"][0]
     assert report.config["harvest_status"]["complete"] is False
+    assert report.to_text().startswith("WARNING: PARTIAL HARVEST")  # the text and HTML headers say so
+    assert "<p class=bad><b>PARTIAL HARVEST" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_concurrent_analyses_get_unique_directories(tmp_path, monkeypatch):

@@ -407,6 +407,8 @@ def render_html(report: "AttributionReport") -> str:
     level = report.intervals.get("level")
     body = [
         "<h1>Task attribution report</h1>",
+        *([f"<p class=bad><b>{e(str((report.fit_quality.get('notes') or ['PARTIAL HARVEST'])[0]))}</b></p>"]
+          if report.fit_quality.get("partial_harvest") else []),  # analysed with allow_partial
         f"<p>{K} source tasks \u00d7 {T} targets \u00b7 method <b>{e(dm)}</b> \u00b7 created {e(report.created_at)}"
         + (f" \u00b7 intervals: {level:.0%} bootstrap over the fitted subsets" if level else "") + "</p>",
         "<h2>How to read this page</h2>",
