@@ -205,3 +205,40 @@ def test_the_convergence_warning_suggests_the_callbacks_own_setting():
             warn_unconverged(np.array([True, False]), np.array([0.0, 1e-3]))
     texts = [str(w.message) for w in caught if issubclass(w.category, GradExConvergenceWarning)]
     assert len(texts) == 1 and "lam" in texts[0] and "max_iter" not in texts[0] and "loosen tol" not in texts[0]
+
+
+class _FakeStrategy:
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self, name=None):
+        pass
+
+
+class _FakeTrainer:
+    is_global_zero = True
+    strategy = _FakeStrategy()
+
+
+def test_writing_w0_checks_space_cleans_earlier_temp_files_and_records_the_hash(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lightning_ksm.callbacks.snapshot import file_sha256
+    from lightning_ksm.fileio import InsufficientSpaceError
+
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"))
+    cb.output_dir = str(tmp_path / "ksm")
+    os.makedirs(cb.output_dir)
+    for n in range(3):  # left by earlier attempts that died mid-write
+        (tmp_path / "ksm" / f".w0.pt.tmp-{n}-abc").write_bytes(b"x" * 10)
+    state = {"w": torch.zeros(1000)}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 100))
+    with pytest.raises(InsufficientSpaceError, match="W0 snapshot.*nothing was written"):
+        cb._save_w0(_FakeTrainer(), state)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "ksm") == []  # the earlier temp files are gone, no new one
+    cb._save_w0(_FakeTrainer(), state)
+    assert cb.w0_sha256 == file_sha256(cb.w0_path) and os.path.isabs(cb.w0_path)
+    assert os.listdir(tmp_path / "ksm") == ["w0.pt"]

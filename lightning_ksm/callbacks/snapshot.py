@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 
 __all__ = ["MissingSnapshotError", "SnapshotMismatchError", "file_sha256", "weights_from_file", "find_w0",
-           "checkpoint_weights"]
+           "checkpoint_weights", "parse_snapshot"]
 
 
 class MissingSnapshotError(FileNotFoundError):
@@ -91,3 +91,20 @@ def find_w0(candidates: Iterable[Optional[str]], sha256: Optional[str]) -> str:
         "re-taken from trained weights. Pass dirpath= pointing at the run directory that holds its w0.pt "
         "(e.g. after moving the run or resuming on another node), or start a new run"
     )
+
+
+def parse_snapshot(snapshot: str) -> Optional[int]:
+    """The epoch of ``snapshot="fit_start"`` (0) or ``"epoch:N"`` (N); None for a checkpoint path."""
+    if not isinstance(snapshot, str):
+        raise ValueError(f"snapshot must be 'fit_start', 'epoch:N' or a checkpoint path, got {snapshot!r}")
+    if snapshot == "fit_start":
+        return 0
+    if snapshot.startswith("epoch:"):
+        try:
+            epoch = int(snapshot.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"snapshot 'epoch:N' needs an integer N, got {snapshot!r}") from None
+        if epoch < 0:
+            raise ValueError(f"snapshot epoch must be >= 0, got {epoch}")
+        return epoch
+    return None  # a checkpoint path

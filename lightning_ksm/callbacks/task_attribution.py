@@ -34,7 +34,7 @@ from ..harvesting.params import select_parameters
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
 from .inputs import callback_warnings, check_data, named_plan
-from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, weights_from_file
+from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 
 __all__ = ["TaskAttributionMixin"]
 
@@ -58,8 +58,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
         analysis: an :class:`~lightning_ksm.config.AnalysisConfig` (or a dict): subsets, GradEx,
             surrogate, readouts.
         output, projection, proj_dim, proj_seed, include, exclude, chunk_size, harvest_batch_size,
-        jacobian_dtype, n_subsets, subset_p, subset_size, seed, lam, loss, weighting, kernel, gamma,
-        alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact: the same settings
+        jacobian_dtype, n_subsets, subset_p, subset_size, seed, estimator, simulate_adam, lam, loss,
+        weighting, kernel, gamma, alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact: the same settings
             as flat keyword arguments (convenient in code and LightningCLI YAML); one given here
             overrides the same field of ``harvest=`` / ``analysis=``. None: that object's value (the
             default). Every setting's meaning, default and range: ``docs/callback.md``.
@@ -119,6 +119,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         subset_p: Optional[float] = None,
         subset_size: Optional[int] = None,
         seed: Optional[int] = None,
+        estimator: Optional[str] = None, simulate_adam: Optional[str] = None,
         lam: Optional[float] = None,
         loss: Optional[str] = None,
         weighting: Optional[str] = None,
@@ -169,21 +170,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
     include = property(lambda self: self.harvest.include)
     exclude = property(lambda self: self.harvest.exclude)
 
-    @staticmethod
-    def _parse_snapshot(snapshot: str) -> Optional[int]:
-        if not isinstance(snapshot, str):
-            raise ValueError(f"snapshot must be 'fit_start', 'epoch:N' or a checkpoint path, got {snapshot!r}")
-        if snapshot == "fit_start":
-            return 0
-        if snapshot.startswith("epoch:"):
-            try:
-                epoch = int(snapshot.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"snapshot 'epoch:N' needs an integer N, got {snapshot!r}") from None
-            if epoch < 0:
-                raise ValueError(f"snapshot epoch must be >= 0, got {epoch}")
-            return epoch
-        return None  # a checkpoint path
+    _parse_snapshot = staticmethod(parse_snapshot)
 
     def _enabled(self, trainer) -> bool:
         return not getattr(trainer, "fast_dev_run", False)
