@@ -7,13 +7,15 @@ never the model.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
 
 from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
-from .estimation import gradex
+from .estimation import estimate_subsets
 from .features import HarvestedFeatures
 from .quality import holdout_quality
 from .report import AttributionReport
@@ -62,15 +64,16 @@ def run_analysis(
 
     # 2. GradEx: F^(s) for every subset and target column.
     start = time.perf_counter()
-    result = gradex(source, target, S, lam=cfg.lam, loss=cfg.loss, weighting=cfg.weighting, progress=progress)
+    result = estimate_subsets(source, target, S, cfg, run=(extra_config or {}).get("run"), progress=progress)
     timings["gradex"] = time.perf_counter() - start
     extra = dict(extra_config or {})
-    fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss}
+    fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss,
+                 "estimator": result.extras["estimator"]}
     return report_from_losses(
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
         timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0,
         # best-subset candidates are re-scored by the same estimator (GradEx) that gave F^
-        rescore=lambda masks: gradex(source, target, masks, lam=cfg.lam, loss=cfg.loss, weighting=cfg.weighting).losses,
+        rescore=lambda masks: estimate_subsets(source, target, masks, cfg, run=(extra_config or {}).get("run")).losses,
     )
 
 
@@ -223,6 +226,10 @@ def analyze_store(
     extra = {"harvest": {k: v for k, v in manifest.items() if k not in ("splits", "params")}}
     extra["harvest"]["n_params"] = len(manifest.get("params", []))
     extra.update(extra_config or {})
+    run_json = os.path.join(os.path.dirname(os.path.abspath(directory)), "run.json")  # the callback's run record
+    if "run" not in extra and os.path.exists(run_json):
+        with open(run_json, encoding="utf-8") as fh:
+            extra["run"] = json.load(fh)
     extra["harvest_status"] = status
     report = run_analysis(source, target, config, timings=timings, extra_config=extra, progress=progress)
     if status["complete"] is False:  # asked for explicitly: said first, wherever the report is read

@@ -35,6 +35,8 @@ __all__ = [
     "LOSSES",
     "WEIGHTINGS",
     "KERNELS",
+    "ESTIMATORS",
+    "SIMULATE_ADAM",
     "JACOBIAN_DTYPES",
     "SUPPORT_MODES",
 ]
@@ -44,6 +46,8 @@ PROJECTIONS = ("sjlt", "gaussian", "rademacher", "identity", "factorized")
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
+ESTIMATORS = ("auto", "simulate", "proximal")
+SIMULATE_ADAM = ("adam", "preconditioned")
 JACOBIAN_DTYPES = ("float32", "float16")
 SUPPORT_MODES = ("distance", "size", "none")  # where subset searches may go (readouts/support.py)
 
@@ -237,6 +241,15 @@ class AnalysisConfig(_Settings):
                                          int_at_least(1, optional=True))
     seed: int = setting(0, "seed of subset sampling, the held-out split and the readouts", int_at_least(0))
     # GradEx
+    estimator: str = setting(
+        "auto", "how F^(s) is estimated: simulate (the recorded run's optimizer, lr schedule and steps "
+        "on the linearized model), proximal (the converged proximal solve with lam), auto (simulate "
+        "when the run was recorded, e.g. by the callback, else proximal); docs/gradex.md",
+        one_of(ESTIMATORS), choices=ESTIMATORS)
+    simulate_adam: str = setting(
+        "adam", "with estimator=simulate, what an Adam-type optimizer becomes on the projected "
+        "parameters: adam (coordinate-wise on z) or preconditioned (first-moment descent, for "
+        "features harvested with the run's second moments)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
     lam: float = setting(1e-3, "ridge strength of the linearized fine-tuning problem (docs/gradex.md)",
                          positive_number())
     loss: Optional[str] = setting(None, "GradEx loss; None: chosen from the harvest's output mode",

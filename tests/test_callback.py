@@ -133,7 +133,7 @@ def test_analysis_failure_keeps_harvest_and_says_how_to_rerun(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("solver exploded")
 
-    monkeypatch.setattr(analysis, "gradex", broken)
+    monkeypatch.setattr(analysis, "estimate_subsets", broken)
     cb = TaskAttribution(**FAST)
     with pytest.warns(UserWarning, match="lightning-ksm analyze"):
         _, model, _ = fit(tmp_path, cb)

@@ -35,6 +35,7 @@ from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
 from .inputs import callback_warnings, check_data, named_plan
 from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
+from .run_record import RunRecorder, record_run_end
 
 __all__ = ["TaskAttributionMixin"]
 
@@ -161,6 +162,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         self._w0: Optional[dict] = None
         self._param_names: Optional[list] = None
         self._checked = False
+        self.run_recorder = RunRecorder()  # the watched run (docs/gradex.md)
 
     # Read-only views of the harvest settings under their familiar names.
     output = property(lambda self: self.harvest.output)
@@ -195,10 +197,15 @@ class TaskAttributionMixin(AttributionCallbackBase):
         if not self._checked:
             self._check_first_batches(trainer, pl_module)
             self._checked = True
+        self.run_recorder.start(trainer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._enabled(trainer) and self._w0 is None and self._snapshot_epoch == trainer.current_epoch:
             self._take_snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._enabled(trainer):  # fast_dev_run: on_train_start did not start the recorder
+            self.run_recorder.after_batch(trainer)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # The first real validation of fit after the snapshot (inside fit, trainer.training is False
@@ -219,6 +226,10 @@ class TaskAttributionMixin(AttributionCallbackBase):
             return
         if not self.harvest_complete:
             self._run_harvest(trainer, pl_module)
+        try:  # the run record is optional: it never costs the analysis
+            record_run_end(self, trainer, pl_module)
+        except Exception as exc:  # noqa: BLE001
+            rank_zero_warn(f"TaskAttribution: could not record the run ({type(exc).__name__}: {exc})")
         from ..analysis import analyze_store
 
         self._finish(
@@ -319,4 +330,4 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
     def _config_record(self) -> dict:
         return {"callback": {"snapshot": self.snapshot, **self.harvest.record()},
-                "projection_seed": self.proj_seed}
+                "projection_seed": self.proj_seed, "run": self.run_recorder.record()}

@@ -23,12 +23,18 @@ per-task matrices computed once, so every preconditioner costs one small Cholesk
 For the squared loss the Hessian does not depend on ``z``, so the first Newton step is the exact
 closed-form solution. By default (``dtype="auto"``) the solve runs in float32 and any subset that
 float32 cannot bring to tolerance is finished in float64. See docs/gradex.md.
+
+:mod:`.simulate` is the estimator that follows the watched training run instead (the recorded
+optimizer, learning rate, schedule and steps, run on the same linearized model), and
+:mod:`.select` picks between the two (``AnalysisConfig.estimator``).
 """
 
 from .estimate import GradExResult, gradex
 from .losses import LOSSES, default_loss
 from .newton import WEIGHTINGS, subset_sample_weights
+from .select import estimate_subsets, resolve_estimator
 from .settings import PRECONDITIONERS
+from .simulate import simulate
 from .solver import GradExConvergenceWarning, SubsetSolutions, solve_subsets
 
 __all__ = [
@@ -39,7 +45,10 @@ __all__ = [
     "GradExResult",
     "SubsetSolutions",
     "default_loss",
+    "estimate_subsets",
     "gradex",
+    "resolve_estimator",
+    "simulate",
     "solve_subsets",
     "subset_sample_weights",
 ]

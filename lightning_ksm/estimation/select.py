@@ -1,0 +1,49 @@
+"""Which estimator computes F^(s): the one that follows the recorded run, or the proximal solve."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+
+from ..config import AnalysisConfig
+from ..features import HarvestedFeatures
+from .estimate import GradExResult, gradex
+from .simulate import simulate
+
+__all__ = ["estimate_subsets", "resolve_estimator"]
+
+
+def resolve_estimator(config: AnalysisConfig, run: Optional[Mapping]) -> str:
+    """``"simulate"`` or ``"proximal"`` for ``config.estimator`` (``"auto"``: simulate when a run
+    record with optimizer steps is at hand, else proximal)."""
+    kind = config.estimator
+    if kind == "auto":
+        return "simulate" if run and run.get("optimizer") and run.get("steps") else "proximal"
+    if kind == "simulate" and not (run and run.get("optimizer") and run.get("steps")):
+        raise ValueError(
+            'estimator="simulate" follows the recorded training run, but no run record (optimizer and '
+            'steps) was given: use the TaskAttribution callback, pass extra_config={"run": {...}}, or '
+            'set estimator="proximal"'
+        )
+    return kind
+
+
+def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subsets: np.ndarray,
+                     config: AnalysisConfig, *, run: Optional[Mapping] = None,
+                     progress: bool = False) -> GradExResult:
+    """F^(s) for every subset with the estimator ``config`` selects (see :func:`resolve_estimator`).
+
+    ``simulate`` runs the recorded optimizer on the linearized model (:func:`.simulate.simulate`,
+    the sample weighting of a run that draws batches from the union of the tasks' data);
+    ``proximal`` is GradEx's converged proximal solve (:func:`.estimate.gradex`, ``lam``,
+    ``weighting``). The choice is recorded in ``result.extras["estimator"]``.
+    """
+    kind = resolve_estimator(config, run)
+    if kind == "simulate":
+        result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam)
+    else:
+        result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
+                        progress=progress)
+    result.extras["estimator"] = kind
+    return result

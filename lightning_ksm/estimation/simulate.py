@@ -1,0 +1,259 @@
+"""The estimator that follows the watched run: the user's optimizer simulated on the linearized model.
+
+Around W0 the model is ``f(x) ~ f0(x) + J(x) z`` (the harvested, projected Jacobians; see
+:mod:`.estimate`). Instead of solving a converged proximal problem, :func:`simulate` runs, for every
+subset ``s`` at once, the optimizer of the recorded training run on that linearized model:
+
+- the same optimizer family (SGD with momentum / Nesterov, Adam / AdamW with the recorded betas
+  and eps), the recorded learning rate and its schedule, the recorded (decoupled) weight decay,
+  applied to the weight change only (the W0 part of a decay towards zero is not representable in
+  ``z`` and is left out);
+- the number of steps each subset would get: a step-based run (``max_steps``) gives every subset
+  the recorded steps; an epoch-based run gives ``epochs x ceil(n_s / (batch_size x accumulation))``
+  steps, growing with the subset's data; a recorded per-step schedule is stretched over each
+  subset's steps;
+- full-batch gradients of the subset's weighted mean loss (``weighting``), one matrix product for
+  all subsets per step (no minibatch noise: the estimate is of the mean over batch orders).
+
+``adam_as`` chooses what an Adam-type optimizer becomes in the projected space:
+``"adam"`` runs Adam coordinate-wise on z (the projected coordinates are random mixtures of the
+parameters, so this is not the parameter-space Adam); ``"preconditioned"`` freezes the second
+moment (the features then should have been harvested with the gradients divided by
+``sqrt(sqrt(v) + eps)`` of the run's optimizer state, see docs/gradex.md) and runs the bias-corrected
+first-moment EMA as momentum gradient descent.
+
+``calibrate="loss"`` scales every learning rate by one constant chosen so that the simulated
+all-tasks run reproduces the observed all-tasks target loss (``run["final_loss"]``): a free
+ground-truth point of the watched run, never a subset's outcome.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..features import HarvestedFeatures
+from .checks import check_source_subsets, check_target
+from .estimate import GradExResult, _Target
+from .losses import LOSS_IMPL, default_loss
+from .newton import labels_tensor, subset_sample_weights, to_tensor
+
+__all__ = ["ADAM_AS", "CALIBRATIONS", "simulate", "subset_steps", "optimizer_spec"]
+
+ADAM_AS = ("adam", "preconditioned")
+CALIBRATIONS = ("none", "loss")
+_ADAM_TYPES = ("adam", "adamw", "nadam", "radam", "adamax")
+
+
+def optimizer_spec(run: Mapping) -> dict:
+    """The optimizer of a run record, normalized: ``kind`` ('sgd' | 'adam'), ``decoupled`` (AdamW),
+    ``lr``, ``momentum``, ``nesterov``, ``dampening``, ``betas``, ``eps``, ``weight_decay``."""
+    opt = dict(run.get("optimizer") or {})
+    name = str(opt.get("type", "sgd")).lower()
+    kind = "adam" if name in _ADAM_TYPES else "sgd"
+    betas = opt.get("betas") or (0.9, 0.999)
+    return {
+        "kind": kind,
+        "decoupled": name == "adamw" or bool(opt.get("decoupled_weight_decay", False)),
+        "lr": float(opt.get("lr", 1e-3)),
+        "momentum": float(opt.get("momentum", 0.0) or 0.0),
+        "nesterov": bool(opt.get("nesterov", False)),
+        "dampening": float(opt.get("dampening", 0.0) or 0.0),
+        "betas": (float(betas[0]), float(betas[1])),
+        "eps": float(opt.get("eps", 1e-8)),
+        "weight_decay": float(opt.get("weight_decay", 0.0) or 0.0),
+    }
+
+
+def subset_steps(run: Mapping, n_samples: np.ndarray) -> np.ndarray:
+    """Optimizer steps of each subset: the recorded steps (step-based run), or, for an epoch-based
+    run, ``epochs x ceil(n_s / (batch_size x accumulate_grad_batches))`` for ``n_s`` samples."""
+    n_samples = np.asarray(n_samples, dtype=np.int64)
+    steps = int(run.get("steps") or 0)
+    if not run.get("epoch_based"):
+        if steps < 1:
+            raise ValueError("the run record has no optimizer steps ('steps'); nothing to simulate")
+        return np.full(len(n_samples), steps, dtype=np.int64)
+    epochs = int(run.get("epochs") or 0)
+    per = int(run.get("batch_size") or 0) * int(run.get("accumulate_grad_batches") or 1)
+    if epochs < 1 or per < 1:
+        raise ValueError("an epoch-based run record needs 'epochs' and 'batch_size'")
+    return np.maximum(1, epochs * np.ceil(n_samples / per)).astype(np.int64)
+
+
+def _lr_table(run: Mapping, spec: dict, steps: np.ndarray) -> np.ndarray:
+    """``(T_max, m)`` learning rate of each subset's step t (0 after its last step)."""
+    T = int(steps.max())
+    table = np.zeros((T, len(steps)))
+    schedule = run.get("lr_schedule")
+    sched = np.asarray(schedule, dtype=np.float64) if schedule else None
+    for j, Tj in enumerate(steps):
+        if sched is None or len(sched) == 0:
+            table[:Tj, j] = spec["lr"]
+        else:  # stretch the recorded per-step schedule over this subset's steps
+            pos = np.minimum((np.arange(Tj) * len(sched)) // Tj, len(sched) - 1)
+            table[:Tj, j] = sched[pos]
+    return table
+
+
+class _Source:
+    def __init__(self, feats: HarvestedFeatures, loss: str, device, dtype):
+        self.loss = LOSS_IMPL[loss]
+        J = to_tensor(feats.jacobians, device, dtype)
+        n = J.shape[0]
+        self.C = 1 if J.dim() == 2 else J.shape[1]
+        self.n, self.k = n, J.shape[-1]
+        self.Jf = J.reshape(n * self.C, self.k)
+        self.f0 = to_tensor(feats.outputs, device, dtype).reshape(n, self.C, 1)
+        self.y = labels_tensor(feats, loss, self.C, device, dtype)
+        self.task_ids = np.asarray(feats.task_ids).astype(np.int64)
+        self.counts = np.bincount(self.task_ids, minlength=len(feats.task_names))
+
+    def gradient(self, Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``(k, m)``: gradient in z of each subset's weighted mean loss (weights W: ``(n, m)``)."""
+        P = self.f0 + (self.Jf @ Z).view(self.n, self.C, -1)
+        g, _ = self.loss.grad_and_curv(P, self.y)
+        return self.Jf.T @ (g * W[:, None, :]).reshape(self.n * self.C, -1)
+
+
+def _run(src: _Source, W: torch.Tensor, lrs: torch.Tensor, spec: dict, adam_as: str) -> torch.Tensor:
+    """The optimizer's trajectory on z for every subset (columns); returns the final ``(k, m)``."""
+    m = W.shape[1]
+    Z = torch.zeros(src.k, m, dtype=W.dtype, device=W.device)
+    buf = torch.zeros_like(Z)
+    sq = torch.zeros_like(Z)
+    wd = spec["weight_decay"]
+    b1, b2 = spec["betas"]
+    for t in range(lrs.shape[0]):
+        lr = lrs[t][None, :]
+        active = (lr > 0).to(Z.dtype)
+        g = src.gradient(Z, W)
+        if spec["kind"] == "sgd":
+            if wd:
+                g = g + wd * Z
+            if spec["momentum"]:
+                buf = torch.where(active > 0, buf * spec["momentum"] + (1 - spec["dampening"] if t else 1.0) * g, buf)
+                step = g + spec["momentum"] * buf if spec["nesterov"] else buf
+            else:
+                step = g
+            Z = Z - lr * step
+            continue
+        if wd and not spec["decoupled"]:
+            g = g + wd * Z
+        if wd and spec["decoupled"]:
+            Z = Z * (1 - lr * wd)
+        buf = torch.where(active > 0, b1 * buf + (1 - b1) * g, buf)
+        c1 = 1 - b1 ** (t + 1)
+        if adam_as == "preconditioned":
+            Z = Z - lr * buf / c1
+            continue
+        sq = torch.where(active > 0, b2 * sq + (1 - b2) * g * g, sq)
+        c2 = 1 - b2 ** (t + 1)
+        Z = Z - lr * (buf / c1) / (torch.sqrt(sq / c2) + spec["eps"])
+    return Z
+
+
+def simulate(
+    source: HarvestedFeatures,
+    target: HarvestedFeatures,
+    subsets,
+    run: Mapping,
+    *,
+    loss: Optional[str] = None,
+    weighting: str = "sample",
+    adam_as: str = "adam",
+    calibrate: str = "none",
+    lr_scale: float = 1.0,
+    batch_size: int = 64,
+    device="cpu",
+    dtype=torch.float64,
+) -> GradExResult:
+    """Estimate F^(s) by running the recorded optimizer on the linearized model for each subset.
+
+    ``run``: the record of the watched run (:mod:`lightning_ksm.callbacks.run_record` writes it):
+    ``optimizer`` (``type``, ``lr``, ``betas``, ``eps``, ``momentum``, ``nesterov``,
+    ``weight_decay``), ``lr_schedule`` (per-step learning rates, optional), ``steps``,
+    ``epoch_based``, ``epochs``, ``batch_size``, ``accumulate_grad_batches`` and, for
+    ``calibrate="loss"``, ``final_loss`` (the observed all-tasks target loss). ``weighting``:
+    "sample" (default: a run that draws batches from the union of the tasks' data) or "task".
+    ``lr_scale`` multiplies every learning rate (after calibration). Returns a
+    :class:`~lightning_ksm.estimation.estimate.GradExResult` (``lam`` is 0, ``n_iter`` the steps).
+    """
+    if adam_as not in ADAM_AS:
+        raise ValueError(f"adam_as must be one of {ADAM_AS}, got {adam_as!r}")
+    if calibrate not in CALIBRATIONS:
+        raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
+    if not isinstance(run, Mapping):
+        raise TypeError(f"run must be a run record (a dict), got {type(run).__name__}")
+    loss = loss or default_loss(source.mode)
+    check_target(source, target, loss, None)
+    S, names = check_source_subsets(source, subsets, loss)
+    spec = optimizer_spec(run)
+    src = _Source(source, loss, device, dtype)
+    tgt = _Target(target, loss, src.C, device, torch.float64)
+    n_s = S.astype(np.int64) @ src.counts
+    steps = subset_steps(run, n_s)
+    A = subset_sample_weights(S, src.counts, weighting)  # (m, K)
+    tid = torch.as_tensor(src.task_ids, device=device)
+
+    def losses_for(rows: np.ndarray, scale: float) -> np.ndarray:
+        W = torch.as_tensor(A[rows], device=device, dtype=dtype)[:, tid].T  # (n, m_b)
+        lrs = torch.as_tensor(scale * _lr_table(run, spec, steps[rows]), device=device, dtype=dtype)
+        Z = _run(src, W, lrs, spec, adam_as).to(torch.float64)
+        return tgt.evaluate(Z, True, None)
+
+    scale = float(lr_scale)
+    if calibrate == "loss":
+        scale *= _calibrated_scale(run, lambda c: _all_tasks_loss(S, src, run, spec, weighting, tgt, c,
+                                                                  adam_as, device, dtype))
+    parts_l, parts_a = [], []
+    for b0 in range(0, len(S), batch_size):
+        rows = np.arange(b0, min(len(S), b0 + batch_size))
+        lo, acc, _ = losses_for(rows, scale)
+        parts_l.append(lo)
+        parts_a.append(acc)
+    acc = None if parts_a[0] is None else np.concatenate(parts_a)
+    m = len(S)
+    return GradExResult(
+        losses=np.concatenate(parts_l), target_names=tgt.names, subsets=S.copy(),
+        converged=np.ones(m, dtype=bool), n_iter=steps, grad_norms=np.zeros(m), solution_norms=np.zeros(m),
+        loss=loss, weighting=weighting, lam=0.0, accuracy=acc,
+        extras={"estimator": "simulate", "optimizer": spec, "adam_as": adam_as, "calibrate": calibrate,
+                "lr_scale": scale, "steps": {"min": int(steps.min()), "max": int(steps.max())}},
+    )
+
+
+def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype) -> float:
+    full = np.ones((1, S.shape[1]), dtype=bool)
+    A = subset_sample_weights(full, src.counts, weighting)
+    W = torch.as_tensor(A, device=device, dtype=dtype)[:, torch.as_tensor(src.task_ids)].T
+    steps = subset_steps(run, full.astype(np.int64) @ src.counts)
+    lrs = torch.as_tensor(scale * _lr_table(run, spec, steps), device=device, dtype=dtype)
+    Z = _run(src, W, lrs, spec, adam_as).to(torch.float64)
+    lo, _, _ = tgt.evaluate(Z, False, None)
+    return float(lo[0, -1])
+
+
+def _calibrated_scale(run: Mapping, all_loss) -> float:
+    """The learning-rate factor c (0.01 .. 100, bisection in log c) with which the simulated
+    all-tasks run reaches the observed all-tasks loss ``run["final_loss"]``."""
+    observed = run.get("final_loss")
+    if observed is None or not math.isfinite(float(observed)):
+        raise ValueError('calibrate="loss" needs the observed all-tasks target loss run["final_loss"]')
+    observed = float(observed)
+    lo, hi = math.log(0.01), math.log(100.0)
+    f_lo, f_hi = all_loss(math.exp(lo)), all_loss(math.exp(hi))
+    if not (min(f_lo, f_hi) <= observed <= max(f_lo, f_hi)):
+        return math.exp(lo) if abs(f_lo - observed) < abs(f_hi - observed) else math.exp(hi)
+    decreasing = f_hi < f_lo
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        f_mid = all_loss(math.exp(mid))
+        if (f_mid > observed) == decreasing:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))
