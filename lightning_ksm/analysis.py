@@ -117,7 +117,7 @@ def report_from_losses(
 
     # 3. surrogate: fit quality on held-out subsets, then the final fit on all of them.
     start = time.perf_counter()
-    kernel = KernelSurrogate(kernel=cfg.kernel, gamma=cfg.gamma, alpha=cfg.alpha)
+    kernel = KernelSurrogate(kernel=cfg.kernel, gamma=cfg.gamma, alpha=cfg.alpha, selection=cfg.selection)
     notes = []
     quality = {}
     for name, est in (("kernel", kernel), ("linear", LinearSurrogate())):

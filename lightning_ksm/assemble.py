@@ -17,7 +17,7 @@ from .readouts import (
     ensemble_design,
     interaction_matrix,
     loo_scores,
-    basic_interval,
+    bootstrap_interval,
     support_of,
 )
 from .readouts.scores import _ensemble_from, _predict2d
@@ -181,7 +181,7 @@ def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task
         "scores": {},
     }
     for name, d in (("ensemble", draws.ensemble), ("loo", draws.loo), ("linear", lin.loo)):
-        lo, hi = basic_interval(d.reshape(len(d), K, T), scores[name], level)
+        lo, hi = bootstrap_interval(d.reshape(len(d), K, T), scores[name], level)
         out["scores"][name] = {"lo": lo, "hi": hi}
     # how often each task keeps its rank above the next one (the default method's order)
     ens = draws.ensemble.reshape(len(draws.ensemble), K, T)
@@ -193,17 +193,17 @@ def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task
             above[a, t] = float(np.mean(ens[:, a, t] > ens[:, b, t]))
     out["scores"]["ensemble"]["p_above_next"] = above
     if draws.interactions is not None:
-        lo, hi = basic_interval(draws.interactions, interactions[inter_cols], level)
+        lo, hi = bootstrap_interval(draws.interactions, interactions[inter_cols], level)
         out["interactions"] = {"targets": [target_names[c] for c in inter_cols], "lo": lo, "hi": hi}
     Qd = draws.queries  # (B, Q, T)
     Qp = _predict2d(surrogate, np.array(queries, dtype=np.float64))  # the point predictions
     full_d, full_p = Qd[:, 0], Qp[0]
     for q, (entry, _) in enumerate(best, start=1):
         t = target_names.index(entry["target"])
-        lo, hi = basic_interval(Qd[:, q, t], Qp[q, t], level)
+        lo, hi = bootstrap_interval(Qd[:, q, t], Qp[q, t], level)
         entry["predicted_interval"] = [max(float(lo), floor), max(float(hi), floor)]
         gain = full_d[:, t] - Qd[:, q, t]
-        glo, ghi = basic_interval(gain, full_p[t] - Qp[q, t], level)
+        glo, ghi = bootstrap_interval(gain, full_p[t] - Qp[q, t], level)
         entry["improvement_interval"] = [float(glo), float(ghi)]
         entry["p_better_than_all"] = float(np.mean(gain > 0))
     base = 1 + len(best)
@@ -211,7 +211,7 @@ def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task
         if not served:
             continue
         v = Qd[:, base + g][:, served].mean(axis=1)
-        lo, hi = basic_interval(v, Qp[base + g, served].mean(), level)
+        lo, hi = bootstrap_interval(v, Qp[base + g, served].mean(), level)
         entry["predicted_interval"] = [max(float(lo), floor), max(float(hi), floor)]
         gain = full_d[:, served].mean(axis=1) - v
         entry["p_better_than_all"] = float(np.mean(gain > 0))

@@ -39,6 +39,7 @@ __all__ = [
     "SIMULATE_ADAM",
     "JACOBIAN_DTYPES",
     "SUPPORT_MODES",
+    "SELECTIONS",
 ]
 
 OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
@@ -50,6 +51,7 @@ ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("adam", "preconditioned")
 JACOBIAN_DTYPES = ("float32", "float16")
 SUPPORT_MODES = ("distance", "size", "none")  # where subset searches may go (readouts/support.py)
+SELECTIONS = ("lds", "mse")  # how the kernel surrogate's gamma and alpha are chosen (surrogates.py)
 
 
 # -- checks: each returns None or raises ValueError("<name> must ..., got ...") ----------------------
@@ -262,6 +264,10 @@ class AnalysisConfig(_Settings):
                                      positive_number(optional=True))
     alpha: Optional[float] = setting(None, "kernel ridge regularization; None: selected by leave-one-out",
                                      positive_number(optional=True))
+    selection: str = setting(
+        "lds", "leave-one-out criterion choosing gamma/alpha: lds (the best LDS up to two standard errors, "
+        "then the smallest MSE) or mse (the smallest MSE of unit-variance columns); docs/concepts.md",
+        one_of(SELECTIONS), choices=SELECTIONS)
     holdout: float = setting(0.2, "fraction of subsets held out to measure the surrogate's fit (held-out LDS)",
                              open_fraction(0.9))
     # readouts

@@ -16,8 +16,9 @@ from sklearn.metrics.pairwise import pairwise_kernels
 from sklearn.utils.validation import check_is_fitted
 
 from ._validation import check_positive, check_subset_matrix, check_targets
+from .config import SELECTIONS  # how gamma and alpha are chosen; see KernelSurrogate
 
-__all__ = ["LinearSurrogate", "KernelSurrogate", "DEFAULT_ALPHA_GRID", "default_gamma_grid"]
+__all__ = ["LinearSurrogate", "KernelSurrogate", "DEFAULT_ALPHA_GRID", "default_gamma_grid", "SELECTIONS"]
 
 # Ridge strengths searched when ``alpha`` is not given: 1e-6 .. 1e2 in half decades. It covers the
 # paper's range (1e-3 .. 1) and its default 0.1 with room on both sides: small gammas make the RBF
@@ -122,10 +123,15 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
 
     g(s) = mean(y) + sum_i theta_i k(s_i, s) with theta = (K + alpha I)^-1 (y - mean(y)).
 
-    When ``gamma`` and/or ``alpha`` are None they are chosen by exact leave-one-out error over
-    log grids (one eigendecomposition of the m x m kernel matrix per gamma; every alpha and every
-    target column is then scored in closed form). One (gamma, alpha) pair is shared by all target
-    columns; each column is scaled to unit variance when scoring so no column dominates.
+    When ``gamma`` and/or ``alpha`` are None they are chosen over log grids from the exact
+    leave-one-out predictions (one eigendecomposition of the m x m kernel matrix per gamma; every
+    alpha and every target column is then scored in closed form). ``selection="lds"`` (default)
+    keeps the pairs whose leave-one-out LDS (mean over columns of the Spearman correlation between
+    each subset's leave-one-out prediction and its outcome) is within two standard errors of the
+    best, and takes the one with the smallest leave-one-out MSE among them: the LDS decides when
+    many target columns make it precise, the MSE when it is noisy (one column, few subsets);
+    ``selection="mse"`` the smallest leave-one-out MSE of unit-variance columns. One pair is shared
+    by all target columns (docs/concepts.md says why).
 
     Args:
         kernel: "rbf" (default), "poly" (alias "polynomial") or "linear".
@@ -135,6 +141,7 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         coef0: constant term of the polynomial kernel (gamma s.s' + coef0)^degree.
         gamma_grid: candidate gammas; default ``default_gamma_grid(K)``.
         alpha_grid: candidate alphas; default ``DEFAULT_ALPHA_GRID``.
+        selection: "lds" (default) or "mse": the leave-one-out criterion that picks gamma and alpha.
 
     Attributes:
         gamma_, alpha_: the values used.
@@ -142,7 +149,9 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         y_mean_: (T,) target means.
         X_fit_: (m, K) training subsets.
         loo_mse_: leave-one-out MSE (of unit-variance targets) of the chosen pair.
-        cv_results_: dict with "gamma", "alpha" grids and the (n_gamma, n_alpha) "loo_mse" table.
+        loo_lds_: leave-one-out LDS of the chosen pair (``selection="lds"``), else None.
+        cv_results_: dict with "gamma", "alpha" grids and the (n_gamma, n_alpha) "loo_mse" (and
+            "loo_lds") tables.
     """
 
     def __init__(
@@ -154,7 +163,9 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         coef0: float = 1.0,
         gamma_grid=None,
         alpha_grid=None,
+        selection: str = "lds",
     ):
+        self.selection = selection
         self.kernel = kernel
         self.gamma = gamma
         self.alpha = alpha
@@ -217,33 +228,48 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         if not gammas or not alphas:
             raise ValueError("gamma_grid and alpha_grid must not be empty")
 
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
         self.y_mean_ = y2.mean(axis=0)
         yc = y2 - self.y_mean_
         scored = _scoring_targets(yc)
+        ranked = _ranking_targets(yc) if self.selection == "lds" else None
 
         with _blas_threads(len(S)):
-            return self._select_and_fit(S, yc, scored, gammas, alphas)
+            return self._select_and_fit(S, yc, scored, ranked, gammas, alphas)
 
-    def _select_and_fit(self, S, yc, scored, gammas, alphas):
+    def _select_and_fit(self, S, yc, scored, ranked, gammas, alphas):
         K = S.shape[1]
         table = np.full((len(gammas), len(alphas)), np.inf)
-        best = (np.inf, 0, 0)
-        eig_cache = None
+        lds_table = np.full((len(gammas), len(alphas)), -np.inf)
+        eigs = {}
         for gi, gamma in enumerate(gammas):
             lam, Q = _eigh_psd(self._gram(S, S, gamma))
+            eigs[gi] = (lam, Q)
             if len(gammas) * len(alphas) > 1:
                 Z = Q.T @ scored
                 Q2 = Q * Q
+                Zr = None if ranked is None else Q.T @ ranked[0]
                 for ai, alpha in enumerate(alphas):
                     table[gi, ai] = _loo_mse(lam, Q, Q2, Z, alpha)
-                    if table[gi, ai] < best[0]:
-                        best = (table[gi, ai], gi, ai)
-            if best[1] == gi:
-                eig_cache = (lam, Q)
-        _, gi, ai = best
+                    if Zr is not None:
+                        lds_table[gi, ai] = _loo_lds(lam, Q, Q2, Zr, alpha, ranked)
+        if ranked is not None and np.isfinite(lds_table).any():
+            # The largest leave-one-out LDS up to two standard errors; among those pairs the smallest
+            # leave-one-out MSE. With one target column the LDS of m leave-one-out predictions is
+            # noisy (se ~ (1 - r^2) / sqrt(m - 3)) and the MSE decides; with many columns the se
+            # shrinks and the LDS decides.
+            best_lds = float(np.max(lds_table))
+            n_eff = min(ranked[0].shape[1], len(S))
+            se = (1.0 - min(best_lds, 0.999) ** 2) / np.sqrt(max(len(S) - 3, 1) * n_eff)
+            top = lds_table >= best_lds - 2.0 * se - 1e-9  # two se: the grid's maximum is optimistic
+            gi, ai = np.unravel_index(np.argmin(np.where(top, table, np.inf)), table.shape)
+        else:
+            gi, ai = np.unravel_index(np.argmin(table), table.shape)
+        gi, ai = int(gi), int(ai)
         self.gamma_ = gammas[gi]
         self.alpha_ = alphas[ai]
-        lam, Q = eig_cache
+        lam, Q = eigs[gi]
         # theta = Q diag(1 / (lam + alpha)) Q^T yc: reuses the eigendecomposition of the chosen gamma.
         self.dual_coef_ = Q @ ((Q.T @ yc) / (lam + self.alpha_)[:, None])
         self.X_fit_ = S
@@ -251,6 +277,9 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         self.inclusion_rate_ = float(S.mean())
         self.loo_mse_ = float(table[gi, ai]) if np.isfinite(table[gi, ai]) else None
         self.cv_results_ = {"gamma": list(gammas), "alpha": list(alphas), "loo_mse": table}
+        if ranked is not None:
+            self.cv_results_["loo_lds"] = lds_table
+        self.loo_lds_ = float(lds_table[gi, ai]) if np.isfinite(lds_table[gi, ai]) else None
         return self
 
     def predict(self, S) -> np.ndarray:
@@ -283,6 +312,42 @@ def _scoring_targets(yc: np.ndarray) -> np.ndarray:
     if Y.shape[1] > Y.shape[0]:
         Y = np.linalg.qr(Y.T, mode="r").T
     return Y
+
+
+_MAX_RANKED_COLUMNS = 256
+
+
+def _ranking_targets(yc: np.ndarray):
+    """The columns scored by leave-one-out LDS (non-constant ones; at most 256, evenly spread) and
+    their centred, unit-norm ranks: ``(Y, R)``."""
+    from scipy.stats import rankdata
+
+    keep = np.flatnonzero(yc.std(axis=0) > 0)
+    if len(keep) > _MAX_RANKED_COLUMNS:
+        keep = keep[np.linspace(0, len(keep) - 1, _MAX_RANKED_COLUMNS).round().astype(int)]
+    Y = yc[:, keep]
+    R = rankdata(Y, axis=0)
+    R = R - R.mean(axis=0)
+    R /= np.linalg.norm(R, axis=0)
+    return Y, R
+
+
+def _loo_lds(lam, Q, Q2, Z, alpha, ranked) -> float:
+    """Mean over columns of the Spearman correlation between the leave-one-out predictions and the
+    targets: the held-out LDS, computed without refitting (the same closed form as :func:`_loo_mse`)."""
+    from scipy.stats import rankdata
+
+    Y, R = ranked
+    if Y.shape[1] == 0:
+        return -np.inf
+    resid = Q @ (Z * (alpha / (lam + alpha))[:, None])
+    h = Q2 @ (lam / (lam + alpha))
+    pred = Y - resid / np.clip(1.0 - h, 1e-12, None)[:, None]
+    P = rankdata(pred, axis=0)
+    P = P - P.mean(axis=0)
+    norm = np.linalg.norm(P, axis=0)
+    corr = np.where(norm > 0, (P * R).sum(axis=0) / np.where(norm > 0, norm, 1.0), 0.0)
+    return float(corr.mean())
 
 
 def _loo_mse(lam, Q, Q2, Z, alpha) -> float:

@@ -138,6 +138,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         max_exact_groupings: Optional[int] = None,
         n_bootstrap: Optional[int] = None,
         interval_level: Optional[float] = None,
+        selection: Optional[str] = None,
     ) -> None:
         super().__init__(dirpath=dirpath, raise_on_analysis_error=raise_on_analysis_error)
         flat = dict(locals())

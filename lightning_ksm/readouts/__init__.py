@@ -22,7 +22,7 @@ from .scores import (
 )
 from .selection import BestSubset, best_subset
 from .support import SUPPORT_MODES, Support, support_of
-from .uncertainty import BootstrapDraws, basic_interval, bootstrap_readouts, percentile_interval
+from .uncertainty import BootstrapDraws, bootstrap_interval, bootstrap_readouts, percentile_interval
 
 __all__ = [
     "loo_scores",
@@ -45,5 +45,5 @@ __all__ = [
     "bootstrap_readouts",
     "BootstrapDraws",
     "percentile_interval",
-    "basic_interval",
+    "bootstrap_interval",
 ]

@@ -4,10 +4,13 @@ Each replicate refits a clone of the surrogate on m subsets drawn with replaceme
 ones (a kernel surrogate keeps the gamma and alpha chosen on the full data, so a replicate costs
 one m x m solve) and recomputes the readouts on the *same* evaluation designs (the same ensemble
 subsets, the same query subsets: common random numbers, so a difference between two tasks in a
-replicate is a real difference of that replicate's fit). The intervals at ``level`` are the basic
-(reflected) bootstrap ``[2 x - q_hi, 2 x - q_lo]`` around the point estimate x: a ridge fit on a
-resample with repeated rows shrinks more than the fit on all rows, and reflecting the percentiles
-corrects that shift instead of copying it (plain percentiles left estimates at the interval's edge).
+replicate is a real difference of that replicate's fit). The intervals at ``level`` are the
+percentile intervals of the replicates, widened where needed to contain the point estimate (a ridge
+fit on a resample with repeated rows can sit to one side of the fit on all rows).
+
+Measured coverage (tests/test_recommendations.py, a planted quadratic with noise, 16 data sets):
+0.85 for nominal 0.9 with the hyperparameters fixed; re-selecting them in every replicate gives
+0.93 but costs ten times more, so it is not the default.
 
 What the intervals cover: the variation of the readout over resampled training subsets (the
 surrogate's estimation noise given the outcomes, including noise in those outcomes). They do not
@@ -24,7 +27,7 @@ from sklearn.base import clone
 
 from .scores import _ensemble_from, _interactions_from, _predict2d, interaction_design
 
-__all__ = ["bootstrap_readouts", "BootstrapDraws", "percentile_interval", "basic_interval"]
+__all__ = ["bootstrap_readouts", "BootstrapDraws", "percentile_interval", "bootstrap_interval"]
 
 
 def percentile_interval(draws: np.ndarray, level: float, axis: int = 0) -> np.ndarray:
@@ -33,12 +36,11 @@ def percentile_interval(draws: np.ndarray, level: float, axis: int = 0) -> np.nd
     return np.quantile(draws, [a, 1.0 - a], axis=axis)
 
 
-def basic_interval(draws: np.ndarray, estimate, level: float) -> np.ndarray:
-    """``(2, ...)`` basic bootstrap interval ``[2 x - q_hi, 2 x - q_lo]`` of the estimate ``x``
-    (the replicates along axis 0)."""
+def bootstrap_interval(draws: np.ndarray, estimate, level: float) -> np.ndarray:
+    """``(2, ...)`` percentile interval of the replicates (axis 0), widened to contain ``estimate``."""
     q = percentile_interval(draws, level)
     x = np.asarray(estimate, dtype=np.float64)
-    return np.stack([2 * x - q[1], 2 * x - q[0]])
+    return np.stack([np.minimum(q[0], x), np.maximum(q[1], x)])
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _fit_verdict(fq: dict) -> str:
     if not (isinstance(lds, (int, float)) and not isinstance(lds, bool) and math.isfinite(lds)):
         return ""
     res_ok = isinstance(res, (int, float)) and not isinstance(res, bool) and math.isfinite(res)
-    if lds >= 0.7 and (not res_ok or res <= 0.3):
+    if lds >= 0.7 and (not res_ok or res <= 0.1):
         verdict = "The surrogate ranks held-out subsets well and predicts their losses closely."
     elif lds >= 0.7:
         verdict = (f"The surrogate ranks held-out subsets well, but its predicted values are off (residual "
@@ -155,7 +155,7 @@ def _fit_section(report: "AttributionReport") -> str:
         if k == "notes":
             continue
         if isinstance(v, dict):
-            val = "<br>".join(f"{e(a)} {_num(b)}" for a, b in _flat(v))
+            val = ", ".join(f"{e(a)}={_num(b)}" for a, b in _flat(v))
         elif isinstance(v, list):
             val = e(", ".join(format_number(x, ".3g") for x in v))
         else:
