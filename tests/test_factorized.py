@@ -170,3 +170,24 @@ def test_a_gpt2_from_transformers_matches_the_exact_path():
         grads[name] = torch.as_tensor(exact[:, offset: offset + size]).reshape(5, *shape)
         offset += size
     np.testing.assert_allclose(fast, proj.project(grads).numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_the_same_projection_in_another_process():
+    """Ranks and resumed runs rebuild the map from its config: it must not depend on the process."""
+    import json
+    import subprocess
+    import sys
+
+    shapes = {"enc.weight": (40, 30), "enc.bias": (40,), "head.weight": (5, 40)}
+    code = (
+        "import json, sys, torch\n"
+        "from lightning_ksm.harvesting import make_projector\n"
+        f"p = make_projector('factorized', {shapes!r}, 64, seed=7)\n"
+        "g = {n: torch.ones(1, *s, dtype=torch.float64) for n, s in p.param_shapes.items()}\n"
+        "print(json.dumps(p.project(g)[0].tolist()))\n"
+    )
+    here = make_projector("factorized", shapes, 64, seed=7)
+    ones = {n: torch.ones(1, *s, dtype=torch.float64) for n, s in shapes.items()}
+    torch.manual_seed(123)  # the global RNG state must not matter
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    np.testing.assert_array_equal(np.array(json.loads(out.stdout)), here.project(ones)[0].numpy())
