@@ -194,11 +194,45 @@ def modular_problem(n_random: int) -> dict:
     return out
 
 
+def format_tables(payload: dict) -> str:
+    """Markdown tables of a results file (as quoted in docs/results.md)."""
+    probs = [p for p in ("planted", "modular") if p in payload]
+    lines = ["| grouping (mean per-task real target loss, lower is better) | " + " | ".join(probs) + " |",
+             "|---|" + "---:|" * len(probs)]
+    rows = []
+    for p in probs:
+        for r in payload[p]["groupings"]:
+            if r not in rows:
+                rows.append(r)
+    for r in rows:
+        cells = []
+        for p in probs:
+            v = payload[p]["groupings"].get(r)
+            cells.append("n/a" if v is None else (f"{v['loss']:.4f}" + (f" ± {v['std']:.4f}" if "std" in v else "")))
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "| best subsets (mean real target loss over the targets) | " + " | ".join(probs) + " |",
+              "|---|" + "---:|" * len(probs)]
+    labels = {"real": "recommended subset", "random_same_size": "random subsets of the same size",
+              "all_tasks": "all tasks", "all_minus_harmful": "all tasks without the planted harmful task"}
+    for k, label in labels.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{payload[p]['best_subsets_mean'][k]:.4f}" if k in payload[p]["best_subsets_mean"] else "n/a"
+            for p in probs) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("problems", nargs="*", default=["planted", "modular"])
     parser.add_argument("--random", type=int, default=None, help="random draws (default 20 planted, 2 modular)")
+    parser.add_argument("--tables", metavar="RESULTS_JSON", help="print the markdown tables of a results file")
     args = parser.parse_args(argv)
+    if args.tables:
+        import json
+
+        with open(args.tables) as fh:
+            print(format_tables(json.load(fh)))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     payload = {"command": "python benchmarks/task_grouping.py " + " ".join(argv if argv is not None else sys.argv[1:])}
