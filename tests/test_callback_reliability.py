@@ -242,3 +242,24 @@ def test_writing_w0_checks_space_cleans_earlier_temp_files_and_records_the_hash(
     cb._save_w0(_FakeTrainer(), state)
     assert cb.w0_sha256 == file_sha256(cb.w0_path) and os.path.isabs(cb.w0_path)
     assert os.listdir(tmp_path / "ksm") == ["w0.pt"]
+
+
+def test_resume_from_the_last_step_checkpoint_of_the_last_epoch_completes_the_harvest(tmp_path):
+    """The checkpoint is saved at the last training step, before the validation (and the harvest) of
+    the last epoch: the resumed run completes the harvest with the reloaded W0."""
+
+    class KillInValidation(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                raise SimulatedKill("killed during the harvest")
+
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=8)  # 8 batches
+    L.seed_everything(0, verbose=False)
+    with pytest.raises(SimulatedKill):  # the kill comes before the callback's harvest (callback order)
+        _trainer(tmp_path, [KillInValidation(), cb, ckpt], max_epochs=1).fit(TinyNet(), *loaders(*make_data()))
+    assert not cb.harvest_complete
+    again = _resume(tmp_path, TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST),
+                    str(tmp_path / "ckpt" / "last.ckpt"), max_epochs=1)
+    assert again.shards_computed > 0 and again.report is not None
+    assert FeatureStore(again.harvest_dir).completeness()["complete"] is True
