@@ -192,6 +192,16 @@ def test_report_ranks_the_planted_tasks(fitted):
     assert set(report.top_pairs(1, TARGET, "synergy")[0][:2]) == set(SYNERGY_PAIR)
 
 
+def test_groups_and_best_subset_follow_the_planted_story(fitted):
+    # issue 11: the synergistic pair is trained together, some group serves the target, the pair's
+    # interaction is worded as synergy; no recommendation shows an impossible loss.
+    report = fitted[0].report
+    assert any(set(SYNERGY_PAIR) <= set(g["tasks"]) for g in report.groups), report.groups
+    assert any(TARGET in g.get("serves", []) for g in report.groups)
+    assert "strongest synergy: pair-a + pair-b" in report.to_text(targets=[TARGET])
+    assert all(e["predicted_loss"] >= 0 and e["predicted_interval"][0] >= 0 for e in report.best_subsets)
+
+
 def test_report_agrees_with_real_retraining(fitted, truth):
     report = fitted[0].report
     t = report.target_index(TARGET)

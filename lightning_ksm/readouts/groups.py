@@ -4,7 +4,8 @@ A grouping is at most ``n`` training mixtures (groups); a group may share tasks 
 source task is *served* by the group, among those that contain it, where its own target loss is
 lowest; each extra target (a validation group that is not a source task, e.g. the target the user
 cares about) is served by the best group overall. The grouping's value is the mean served loss over
-all these targets, lower is better; every task must be in some group. This is the selection of
+all these targets (the extra targets together weigh as much as the tasks' own targets), lower is
+better; every task must be in some group. This is the selection of
 Fifty et al. (2021, "Efficiently identifying task groupings", TAG), with the surrogate's predicted
 group losses in place of lookahead affinities.
 
@@ -108,6 +109,7 @@ def select_groups(
     max_exact: int = 2_000_000,
     n_restarts: int = 4,
     seed: int = 0,
+    weights=None,
 ) -> GroupSelection:
     """At most ``n_groups`` groups minimizing the mean served loss (see the module docstring).
 
@@ -121,6 +123,7 @@ def select_groups(
         starts: groupings (lists of masks or (n, K) arrays) to start the local search from.
         max_exact: enumerate all groupings of the valid candidate groups when there are at most this
             many (only for K <= 16); otherwise local search.
+        weights: per target column (K + E), the weight of its served loss in the mean; default equal.
     """
     if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or not 1 <= n_groups <= K:
         raise ValueError(f"n_groups must be an integer between 1 and the number of tasks ({K}), got {n_groups!r}")
@@ -133,15 +136,21 @@ def select_groups(
         L[bad] = _BIG
         return np.where(np.isfinite(L), L, _BIG)
 
+    w = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
     if K <= 16:
         pool = np.array([[(c >> k) & 1 for k in range(K)] for c in range(1, 2**K)], dtype=bool)
         pool = pool[valid(pool)]
         if len(pool) and comb(len(pool), min(n, len(pool))) <= max_exact:
-            return _exhaustive(losses(pool), pool, K, min(n, len(pool)))
-    return _local(losses, K, n, starts, n_restarts, seed, valid)
+            return _exhaustive(losses(pool), pool, K, min(n, len(pool)), w)
+    return _local(losses, K, n, starts, n_restarts, seed, valid, w)
 
 
-def _exhaustive(Lpool: np.ndarray, pool: np.ndarray, K: int, n: int) -> GroupSelection:
+def _mean(vals: np.ndarray, w) -> np.ndarray:
+    """Mean over the last axis, weighted by ``w`` (normalized) when given."""
+    return vals.mean(axis=-1) if w is None else (vals * w).sum(axis=-1)
+
+
+def _exhaustive(Lpool: np.ndarray, pool: np.ndarray, K: int, n: int, w=None) -> GroupSelection:
     allowed = np.ones_like(Lpool, dtype=bool)
     allowed[:, :K] = pool
     Lm = np.where(allowed, Lpool, np.inf)
@@ -151,24 +160,24 @@ def _exhaustive(Lpool: np.ndarray, pool: np.ndarray, K: int, n: int) -> GroupSel
         chunk = np.array([c for _, c in zip(range(65536), it)], dtype=np.int64)
         if len(chunk) == 0:
             break
-        vals = Lm[chunk].min(axis=1).mean(axis=1)
+        vals = _mean(Lm[chunk].min(axis=1), w)
         count += len(chunk)
         i = int(np.argmin(vals))
         if vals[i] < best_val:
             best_val, best_idx = float(vals[i]), chunk[i]
     masks = pool[best_idx]
-    return _finish(masks, Lpool[best_idx], K, True, count)
+    return _finish(masks, Lpool[best_idx], K, True, count, w)
 
 
-def _finish(masks, L, K, exact, count) -> GroupSelection:
+def _finish(masks, L, K, exact, count, w=None) -> GroupSelection:
     vals, idx = _served(L, masks, K)
     used = np.unique(idx)
     masks, L = masks[used], L[used]
     vals, idx = _served(L, masks, K)
-    return GroupSelection(masks, float(vals.mean()), idx, L, exact, int(count))
+    return GroupSelection(masks, float(_mean(vals, w)), idx, L, exact, int(count))
 
 
-def _local(losses, K, n, starts, n_restarts, seed, valid) -> GroupSelection:
+def _local(losses, K, n, starts, n_restarts, seed, valid, w=None) -> GroupSelection:
     rng = np.random.default_rng(seed)
     inits = [np.asarray(s, dtype=bool).reshape(-1, K) for s in starts]
     for _ in range(n_restarts):
@@ -182,7 +191,7 @@ def _local(losses, K, n, starts, n_restarts, seed, valid) -> GroupSelection:
         masks = masks[:n].copy()
         L = losses(masks)
         count += len(masks)
-        value = _served(L, masks, K)[0].mean()
+        value = _mean(_served(L, masks, K)[0], w)
         while True:
             moves, which = _group_moves(masks)
             if len(moves) == 0:
@@ -197,14 +206,14 @@ def _local(losses, K, n, starts, n_restarts, seed, valid) -> GroupSelection:
                 if not trial_m.any(axis=0).all():
                     vals[r] = np.inf
                     continue
-                vals[r] = _served(trial_L, trial_m, K)[0].mean()
+                vals[r] = _mean(_served(trial_L, trial_m, K)[0], w)
             r = int(np.argmin(vals))
             if not vals[r] < value - 1e-12 * max(1.0, abs(value)):
                 break
             masks[which[r]], L[which[r]], value = moves[r], Lnew[r], vals[r]
         if best is None or value < best[0]:
             best = (value, masks.copy(), L.copy())
-    return _finish(best[1], best[2], K, False, count)
+    return _finish(best[1], best[2], K, False, count, w)
 
 
 def _group_moves(masks: np.ndarray):
@@ -238,7 +247,9 @@ def cotraining_groups(
     group losses (TAG-style; see the module docstring).
 
     ``target_columns[k]`` is the column of task k's own target loss; ``extra_columns`` are further
-    target columns served by any group (the targets the user cares about). Groups are searched
+    target columns served by any group (the targets the user cares about); together they weigh as
+    much as all the tasks' own targets (a grouping that serves the tasks but not the target the
+    report leads with would contradict it). Groups are searched
     inside the surrogate's support (``support``, ``radius``: see :mod:`.support`); a prediction below
     ``lower_bound`` counts as invalid. The spectral clustering of the ``method`` ("ensemble" or
     "loo") score affinity is one start of the local search. Groups are returned best first.
@@ -277,8 +288,9 @@ def cotraining_groups(
             n_clusters=n_groups, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
         ).fit_predict(task_affinity(scores))
         starts.append(np.eye(n_groups, dtype=bool)[labels].T)
+    weights = np.concatenate([np.ones(K), np.full(len(extra), K / len(extra))]) if len(extra) else None
     sel = select_groups(group_losses, K, int(n_groups), valid=sup.contains, starts=starts,
-                        max_exact=max_exact, seed=seed)
+                        max_exact=max_exact, seed=seed, weights=weights)
     full = _predict2d(surrogate, np.ones((1, K)))[0, all_cols]
     groups = []
     for g, mask in enumerate(sel.masks):
