@@ -137,8 +137,10 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
                 "predicted_loss": g.predicted_loss,
                 "serves": [target_names[c] for c in g.serves],
                 "served_losses": dict(zip([target_names[c] for c in g.serves], g.served_losses)),
-                "member_losses": dict(zip([task_names[i] for i in g.tasks], g.member_losses)),
-                "all_tasks_loss": g.all_tasks_loss,
+                # a value the loss cannot take is never shown (None)
+                "member_losses": {task_names[i]: (v if _ok(v, floor) else None)
+                                  for i, v in zip(g.tasks, g.member_losses)},
+                "all_tasks_loss": g.all_tasks_loss if _ok(g.all_tasks_loss, floor) else None,
             }, np.isin(np.arange(K), g.tasks), [int(c) for c in g.serves]))
     else:
         notes.append(

@@ -314,7 +314,7 @@ def _groups_section(report: "AttributionReport") -> str:
             pl_html = _num(pl) + " " + _iv(entry.get("predicted_interval"))
         p = entry.get("p_better_than_all")
         rows.append([str(g), _tasks_html(entry["tasks"]), _tasks_html(entry.get("serves", [])), pl_html,
-                     _num(entry.get("all_tasks_loss")) if "all_tasks_loss" in entry else "",
+                     _num(entry.get("all_tasks_loss")) if entry.get("all_tasks_loss") is not None else "",
                      "" if p is None else f"{p:.0%}"])
     out.append(_table(["group", "tasks", "serves targets", "predicted loss", "all-tasks loss",
                        "better than all tasks (bootstrap)"], rows, num_cols={0, 4, 5}))
