@@ -120,7 +120,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
         subset_p: Optional[float] = None,
         subset_size: Optional[int] = None,
         seed: Optional[int] = None,
-        estimator: Optional[str] = None, simulate_adam: Optional[str] = None,
+        estimator: Optional[str] = None,
+        simulate_adam: Optional[str] = None,
         lam: Optional[float] = None,
         loss: Optional[str] = None,
         weighting: Optional[str] = None,
@@ -142,8 +143,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
     ) -> None:
         super().__init__(dirpath=dirpath, raise_on_analysis_error=raise_on_analysis_error)
         flat = dict(locals())
-        self.harvest = _with_overrides(HarvestConfig, harvest, {k: flat.get(k) for k in _HARVEST_FIELDS}, "harvest")
-        self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat.get(k) for k in _ANALYSIS_FIELDS}, "analysis")
+        self.harvest = _with_overrides(HarvestConfig, harvest, {k: flat[k] for k in _HARVEST_FIELDS}, "harvest")
+        self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat[k] for k in _ANALYSIS_FIELDS}, "analysis")
         self.task_names = list(task_names) if task_names is not None else None
         # Every setting fails here, not after training (those bounded by K once K is known).
         self.harvest.validate()
