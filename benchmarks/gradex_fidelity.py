@@ -354,6 +354,12 @@ def modular_one(cfg, op, seed, args, log):
         tfeats[name], _ = harvest_cached(os.path.join(fdir, f"target-sjlt{kk}-d0.npz"), model, batches("target"),
                                          projection="sjlt", k=kk, seed=0, mode="margin", task_names=names)
         projectors[name] = (projector_for_model(model, "sjlt", kk, 0), None)
+    for kk in args.oracle_factorized_k:  # the factorized projection (budget kk per parameter)
+        name = f"oracle_factorized{kk}_margin"
+        tfeats[name], _ = harvest_cached(os.path.join(fdir, f"target-factorized{kk}-d0.npz"), model,
+                                         batches("target"), projection="factorized", k=kk, seed=0, mode="margin",
+                                         task_names=names)
+        projectors[name] = (projector_for_model(model, "factorized", kk, 0), None)
     pname = f"oracle_sjlt{k}_margin_preconditioned"
     tfeats[pname] = pre_tgt[0]
     projectors[pname] = (projector_for_model(model, "sjlt", k, 0), scale)
@@ -560,6 +566,8 @@ def main(argv=None):
                     help="real retrainings of every subset (batch seeds), 'N' or 'op:N', per W0 seed")
     ap.add_argument("--draws", type=int, default=2, help="projection draws averaged in the *_draws rows")
     ap.add_argument("--oracle-k", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--oracle-factorized-k", type=int, nargs="*", default=[256, 1024],
+                    help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     ap.add_argument("--tables", metavar="RESULTS_JSON")
