@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from lightning_ksm.retrain import retrain_subsets
 from recipes import modular_arithmetic as ma
@@ -31,28 +30,7 @@ def batch_seeds(seed: int, n: int) -> list:
 
 def _finetune(model, cfg, data, subset, seed):
     """The recipe's fine-tuning (same batches, same optimizer) returning the optimizer too."""
-    keep = torch.as_tensor(np.asarray(subset, dtype=bool))[data.groups[data.train]]
-    opt = ma._optimizer(model, cfg.finetune_lr, cfg.finetune_weight_decay, cfg.finetune_optimizer)
-    gen = torch.Generator().manual_seed(30_000 + seed)
-    n, B, step = len(data.train), cfg.finetune_batch, 0
-    model.train()
-    while step < cfg.finetune_steps:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, B):
-            if step == cfg.finetune_steps:
-                break
-            local = perm[start:start + B]
-            local = local[keep[local]]
-            step += 1
-            if len(local) == 0:
-                continue
-            idx = data.train[local]
-            loss = nn.functional.cross_entropy(model(data.tokens[idx]), data.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model, opt
+    return ma.finetune(model, cfg, data, subset, seed, return_optimizer=True)
 
 
 class ModularTrainFn:

@@ -49,6 +49,17 @@ class RunDirectory:
     def report(self) -> str:
         return os.path.join(self.root, REPORT_DIRNAME)
 
+    @classmethod
+    def find(cls, path: str, part: str, marker: str) -> str | None:
+        """Where ``part`` ("harvest" or "report") of a run is, given a folder a user points at: the
+        folder itself, its ``<part>/`` (a run directory) or its ``ksm/<part>/`` (a Lightning log
+        folder); the first that holds ``marker`` (e.g. ``manifest.json``), else None."""
+        path = os.fspath(path)
+        for candidate in (path, getattr(cls(path), part), getattr(cls.under(path), part)):
+            if os.path.isfile(os.path.join(candidate, marker)):
+                return candidate
+        return None
+
     def earlier_run(self) -> list[str]:
         """Names of an earlier run's files here (``harvest``, ``w0.pt``), if any."""
         return [os.path.basename(p) for p in (self.harvest, self.w0) if os.path.exists(p)]

@@ -255,13 +255,15 @@ def pretrain(cfg: RecipeConfig, data: ModularData, seed: int) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def finetune(model: nn.Module, cfg: RecipeConfig, data: ModularData, subset: np.ndarray, seed: int) -> nn.Module:
+def finetune(model: nn.Module, cfg: RecipeConfig, data: ModularData, subset: np.ndarray, seed: int,
+             *, return_optimizer: bool = False):
     """Fine-tune ``model`` in place on the training samples of the tasks in ``subset``.
 
     Common random numbers: batches are consecutive slices of seeded permutations of the *whole*
     training split, with the samples of excluded tasks dropped; every subset takes exactly
     ``finetune_steps`` optimizer steps. Two subsets therefore see the same batch sequence except for
-    the excluded tasks' samples.
+    the excluded tasks' samples. ``return_optimizer``: return ``(model, optimizer)`` (its state is
+    what a run record reads).
     """
     keep = torch.as_tensor(np.asarray(subset, dtype=bool))[data.groups[data.train]]
     opt = _optimizer(model, cfg.finetune_lr, cfg.finetune_weight_decay, cfg.finetune_optimizer)
@@ -284,7 +286,7 @@ def finetune(model: nn.Module, cfg: RecipeConfig, data: ModularData, subset: np.
             loss.backward()
             opt.step()
     model.eval()
-    return model
+    return (model, opt) if return_optimizer else model
 
 
 @torch.no_grad()

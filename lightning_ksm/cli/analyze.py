@@ -25,14 +25,10 @@ def _find_harvest(directory: str) -> Path:
         raise CLIError(f"DIR {directory!r} does not exist")
     if not path.is_dir():
         raise CLIError(f"DIR {directory!r} is not a directory")
-    if (path / "manifest.json").is_file():
-        return path
+    found = RunDirectory.find(path, "harvest", "manifest.json")
+    if found is not None:
+        return Path(found)
     run_harvest = Path(RunDirectory(path).harvest)
-    if (run_harvest / "manifest.json").is_file():
-        return run_harvest
-    logged = Path(RunDirectory.under(path).harvest)  # a Lightning log folder: <version>/ksm/harvest
-    if (logged / "manifest.json").is_file():
-        return logged
     raise CLIError(
         f"no harvest in DIR {directory!r}: expected {str(path / 'manifest.json')!r} (a harvest "
         f"directory) or {str(run_harvest / 'manifest.json')!r} (a TaskAttribution output directory)"

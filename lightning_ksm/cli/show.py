@@ -37,14 +37,10 @@ def _find_report(directory: str) -> Path:
         return path.parent
     if not path.is_dir():
         raise CLIError(f"DIR {directory!r} is not a directory")
-    if (path / "report.json").is_file():
-        return path
+    found = RunDirectory.find(path, "report", "report.json")
+    if found is not None:
+        return Path(found)
     run_report = Path(RunDirectory(path).report)
-    if (run_report / "report.json").is_file():
-        return run_report
-    logged = Path(RunDirectory.under(path).report)  # a Lightning log folder: <version>/ksm/report
-    if (logged / "report.json").is_file():
-        return logged
     others = sorted(str(p.parent.relative_to(path)) for pattern in ("report*/report.json", "ksm/report*/report.json")
                     for p in path.glob(pattern))
     if others:

@@ -15,19 +15,17 @@ import torch
 from ..config import WEIGHTINGS as _WEIGHTINGS
 from .losses import LOSS_IMPL
 
-__all__ = ["WEIGHTINGS", "Problem", "labels_tensor", "solve_batch", "subset_sample_weights", "to_tensor"]
+__all__ = ["WEIGHTINGS", "LinearizedSource", "Problem", "labels_tensor", "solve_batch", "subset_sample_weights", "to_tensor"]
 
 WEIGHTINGS = _WEIGHTINGS  # the vocabulary is declared in config
 
 
-class Problem:
-    """Source features on the solver's device/dtype, plus per-task curvature at z = 0."""
+class LinearizedSource:
+    """The source split laid out for the linearized model on a device/dtype: the flat Jacobians
+    ``Jf`` (n C, k), the outputs ``f0`` (n, C, 1), the labels ``y``, and the per-task sample counts."""
 
-    def __init__(self, feats, names, loss, weighting, lam, device, dtype, preconditioner):
+    def __init__(self, feats, loss, device, dtype, n_tasks: int):
         self.loss = LOSS_IMPL[loss]
-        self.weighting = weighting
-        self.lam = float(lam)
-        self.names = names
         J = to_tensor(feats.jacobians, device, dtype)
         n = J.shape[0]
         self.C = 1 if J.dim() == 2 else J.shape[1]
@@ -35,8 +33,18 @@ class Problem:
         self.Jf = J.reshape(n * self.C, self.k)
         self.f0 = to_tensor(feats.outputs, device, dtype).reshape(n, self.C, 1)
         self.y = labels_tensor(feats, loss, self.C, device, dtype)
+        self.counts = np.bincount(np.asarray(feats.task_ids).astype(np.int64), minlength=n_tasks)
+
+
+class Problem(LinearizedSource):
+    """Source features on the solver's device/dtype, plus per-task curvature at z = 0."""
+
+    def __init__(self, feats, names, loss, weighting, lam, device, dtype, preconditioner):
+        super().__init__(feats, loss, device, dtype, len(names))
+        self.weighting = weighting
+        self.lam = float(lam)
+        self.names = names
         self.task_ids = torch.as_tensor(np.asarray(feats.task_ids).astype(np.int64), device=device)
-        self.counts = np.bincount(np.asarray(feats.task_ids).astype(np.int64), minlength=len(names))
         self.diagonal = preconditioner == "diagonal"
         self.task_hessians = self._task_hessians()
 

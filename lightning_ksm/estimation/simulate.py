@@ -38,8 +38,8 @@ import torch
 from ..features import HarvestedFeatures
 from .checks import check_source_subsets, check_target
 from .estimate import GradExResult, _Target
-from .losses import LOSS_IMPL, default_loss
-from .newton import labels_tensor, subset_sample_weights, to_tensor
+from .losses import default_loss
+from .newton import LinearizedSource, subset_sample_weights
 
 __all__ = ["ADAM_AS", "CALIBRATIONS", "simulate", "subset_steps", "optimizer_spec"]
 
@@ -99,18 +99,10 @@ def _lr_table(run: Mapping, spec: dict, steps: np.ndarray) -> np.ndarray:
     return table
 
 
-class _Source:
+class _Source(LinearizedSource):
     def __init__(self, feats: HarvestedFeatures, loss: str, device, dtype):
-        self.loss = LOSS_IMPL[loss]
-        J = to_tensor(feats.jacobians, device, dtype)
-        n = J.shape[0]
-        self.C = 1 if J.dim() == 2 else J.shape[1]
-        self.n, self.k = n, J.shape[-1]
-        self.Jf = J.reshape(n * self.C, self.k)
-        self.f0 = to_tensor(feats.outputs, device, dtype).reshape(n, self.C, 1)
-        self.y = labels_tensor(feats, loss, self.C, device, dtype)
+        super().__init__(feats, loss, device, dtype, len(feats.task_names))
         self.task_ids = np.asarray(feats.task_ids).astype(np.int64)
-        self.counts = np.bincount(self.task_ids, minlength=len(feats.task_names))
 
     def gradient(self, Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """``(k, m)``: gradient in z of each subset's weighted mean loss (weights W: ``(n, m)``)."""
