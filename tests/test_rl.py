@@ -272,6 +272,25 @@ def test_snapshot_continues_on_a_subset(trained, tmp_path):
         SACModule.from_snapshot(snap, hiden=(8,))
 
 
+def test_runs_from_one_snapshot_do_not_change_it_or_each_other(trained, tmp_path):
+    """Real retraining from W0 must start every run from the same W0 (optimizer moments included)."""
+    import copy
+
+    snap = trained.snapshot()
+    before = copy.deepcopy(snap["optimizers"])
+    finals = []
+    for _ in range(2):
+        clone = SACModule.from_snapshot(snap, active_tasks=["door-open-v3"], steps=10, seed=3)
+        _trainer(tmp_path).fit(clone)
+        finals.append([p.detach().clone() for p in clone.actor.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
+    for opt_before, opt_after in zip(before, snap["optimizers"]):
+        for i, st in opt_before["state"].items():
+            for name, value in st.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_after["state"][i][name])), (i, name)
+
+
 def test_lightning_checkpoint_carries_the_replay_buffer(run, tmp_path):
     module, _, trainer = run
     path = tmp_path / "sac.ckpt"

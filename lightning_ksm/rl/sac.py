@@ -404,5 +404,7 @@ class SACModule(L.LightningModule):
             module.buffer.rng = np.random.default_rng([int(hp["seed"]), 2])
         else:
             module._load_run_state(snap)
-        module._pending_optim_state = snap["optimizers"]
+        # A copy: torch's Optimizer.load_state_dict keeps the given moment tensors and Adam then
+        # updates them in place, so without it every run from one snapshot would change the next.
+        module._pending_optim_state = copy.deepcopy(snap["optimizers"])
         return module
