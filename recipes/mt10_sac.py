@@ -65,6 +65,30 @@ from lightning_ksm.metrics import lds  # noqa: E402
 from lightning_ksm.rl.attribution import PolicyGradEx, RLAttributionConfig, attribute_policy  # noqa: E402
 from lightning_ksm.rl.envs import MT10_TASKS, resolve_env_names  # noqa: E402
 
+# What the `mt10` configuration reports, fixed before its ground truth was run (issue 15).
+PREREGISTRATION = {
+    "config": "mt10",
+    "command": "python -m recipes.mt10_sac --config mt10 --out runs/mt10_10tasks --workers 2 "
+               "--results benchmarks/results/mt10_10tasks.json",
+    "method": "teacher targets (targets='policy', the continued run's actions), ridge 1.0, k = 128 Gaussian "
+              "projection, 60 training subsets of 7 tasks for the surrogates; critic targets as a secondary row",
+    "ground_truth": "real SAC fine-tuning from W0 for 2,000 iterations on 24 seeded evaluation subsets of 7 of "
+                    "the 10 tasks, fine-tuning seeds 1, 2, 3 (shared by every subset); F = minus the mean "
+                    "return over the three seeds, per task",
+    "primary": "LDS (Spearman over the 24 evaluation subsets) of KernelSM, per target, mean over the 10 tasks",
+    "also_reported": [
+        "LDS of the linear surrogate and of the raw GradEx estimates on the same subsets",
+        "noise ceiling: mean pairwise seed-vs-seed LDS of the real F, and each seed against the mean of the others",
+        "baseline -|s|: constant on this design (every evaluation subset has 7 tasks), so undefined; "
+        "within-size LDS is the LDS itself",
+        "baseline 'target in subset': F = -1[target in s]",
+        "task selection (paper Table 4): each target fine-tuned with its top-3 partners by KernelSM and by the "
+        "linear surrogate vs 2 seeded random partner triples, real return on the target, mean over 3 seeds",
+        "the CPU budget used",
+    ],
+    "rule": "no method change after seeing this ground truth; if one is made, both results are reported",
+}
+
 PAPER = {"lds": {"linear_surrogate": 0.76, "kernelsm": 0.80},
          "table4_rewards": {"linear_surrogate": 13.1, "kernelsm": 18.8}}
 
@@ -99,6 +123,7 @@ class RecipeConfig:
     gt_max_subsets: int = 20
     gt_subsets: int = 16  # sampled when there are more than gt_max_subsets
     random_draws: int = 3
+    critic_selection: bool = True  # also run the task selection of the critic-target report
     accelerator: str = "cpu"
 
 
@@ -116,6 +141,14 @@ CONFIGS = {
         hidden=(128, 128), batch_size=128, max_episode_steps=150, pretrain_steps=5000, warmup_steps=500,
         finetune_steps=2000, n_subsets=40, n_per_task=256, proj_dim=128, gt_subset_size=4, gt_max_subsets=15,
         finetune_seeds=(1, 2),
+    ),
+    # Issue 15, PRE-REGISTERED (committed before its ground truth existed; see PREREGISTRATION):
+    # all ten MT10 tasks at a CPU budget, evaluation subsets of 7 tasks, three fine-tuning seeds.
+    "mt10": RecipeConfig(
+        tasks=list(MT10_TASKS), hidden=(128, 128), batch_size=128, max_episode_steps=150, pretrain_steps=8000,
+        warmup_steps=500, finetune_steps=2000, finetune_seeds=(1, 2, 3), n_subsets=60, subset_size=7,
+        n_per_task=256, proj_dim=128, action_step=0.3, ridge=1.0, top_k=3, gt_subset_size=7, gt_max_subsets=0,
+        gt_subsets=24, random_draws=2, critic_selection=False,
     ),
     # MT10 at a realistic scale for one GPU (not run on the CPU box): the paper's 7-of-10 subsets.
     "gpu": RecipeConfig(
@@ -175,12 +208,40 @@ def evaluation_subsets(cfg: RecipeConfig, K: int) -> np.ndarray:
     return S
 
 
+def _fine_tune_record(snap: dict, cfg: RecipeConfig, out: str, mask, seed: int) -> dict:
+    """One real SAC fine-tuning run from W0 on ``mask`` with ``seed``: returns and cost."""
+    from lightning_ksm.rl import SACModule
+
+    tasks = [t for t, b in zip(cfg.tasks, mask) if b]
+    module = SACModule.from_snapshot(snap, active_tasks=tasks, steps=cfg.finetune_steps, seed=seed)
+    cost = _fit(module, cfg, out)
+    start = time.perf_counter()
+    ev = module.evaluate(episodes=1, seed=0)
+    cost["eval_s"] = time.perf_counter() - start
+    return {"tasks": tasks, "returns": _returns(ev, cfg.tasks),
+            "success": [ev[t]["success_rate"] for t in cfg.tasks], "cost": cost}
+
+
+_WORKER_SNAPSHOT: dict = {}
+
+
+def _worker_run(w0_path: str, cfg: RecipeConfig, out: str, mask, seed: int) -> dict:
+    """Process-pool entry point: loads W0 once per worker process, runs one fine-tuning."""
+    _quiet()
+    torch.set_num_threads(1)
+    if w0_path not in _WORKER_SNAPSHOT:
+        _WORKER_SNAPSHOT[w0_path] = torch_load_safe(w0_path, numpy=True)["snapshot"]
+    return _fine_tune_record(_WORKER_SNAPSHOT[w0_path], cfg, out, mask, seed)
+
+
 class GroundTruth:
     """Real SAC fine-tuning from W0 on task subsets (one run per fine-tuning seed), cached on disk
-    (resumable); :meth:`returns` is the mean over the seeds."""
+    (resumable); :meth:`returns` is the mean over the seeds. :meth:`prefetch` runs the missing
+    ones in ``workers`` processes (each run is seeded on its own, so the result does not depend
+    on the number of workers)."""
 
-    def __init__(self, snap: dict, cfg: RecipeConfig, out: str) -> None:
-        self.snap, self.cfg, self.out = snap, cfg, out
+    def __init__(self, snap: dict, cfg: RecipeConfig, out: str, workers: int = 1) -> None:
+        self.snap, self.cfg, self.out, self.workers = snap, cfg, out, int(workers)
         self.path = os.path.join(out, "ground_truth.json")
         self.cache = json.load(open(self.path)) if os.path.exists(self.path) else {}
 
@@ -196,37 +257,51 @@ class GroundTruth:
         """Per-task returns (all K tasks) after fine-tuning on ``mask``, mean over the seeds."""
         return np.mean([self.run(mask, s) for s in self.cfg.finetune_seeds], axis=0).tolist()
 
+    def _store(self, k: str, record: dict) -> None:
+        self.cache[k] = record
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.cache, fh, indent=1)
+        os.replace(tmp, self.path)
+        print(f"  ground truth {k} {record['tasks']}: mean return {np.mean(record['returns']):.1f} "
+              f"({record['cost']['wall_s']:.0f} s)", flush=True)
+
     def run(self, mask, seed: int) -> list:
         """Per-task returns after one fine-tuning run on ``mask`` with ``seed``."""
-        from lightning_ksm.rl import SACModule
-
         k = self.key(mask, seed)
         if k not in self.cache:
-            tasks = [t for t, b in zip(self.cfg.tasks, mask) if b]
-            module = SACModule.from_snapshot(self.snap, active_tasks=tasks, steps=self.cfg.finetune_steps, seed=seed)
-            cost = _fit(module, self.cfg, self.out)
-            start = time.perf_counter()
-            ev = module.evaluate(episodes=1, seed=0)
-            cost["eval_s"] = time.perf_counter() - start
-            self.cache[k] = {"tasks": tasks, "returns": _returns(ev, self.cfg.tasks),
-                             "success": [ev[t]["success_rate"] for t in self.cfg.tasks], "cost": cost}
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(self.cache, fh, indent=1)
-            os.replace(tmp, self.path)
-            print(f"  ground truth {k} {tasks}: mean return {np.mean(self.cache[k]['returns']):.1f} "
-                  f"({cost['wall_s']:.0f} s)", flush=True)
+            self._store(k, _fine_tune_record(self.snap, self.cfg, self.out, mask, seed))
         return self.cache[k]["returns"]
 
+    def prefetch(self, masks) -> None:
+        """Run every (mask, seed) not yet cached, in ``workers`` processes when more than one."""
+        todo, seen = [], set()
+        for mask in masks:
+            for s_ in self.cfg.finetune_seeds:
+                k = self.key(mask, s_)
+                if k not in self.cache and k not in seen:
+                    seen.add(k)
+                    todo.append((np.asarray(mask, dtype=bool), s_))
+        if self.workers <= 1 or len(todo) <= 1:
+            for mask, s_ in todo:
+                self.run(mask, s_)
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-def task_selection(report, gt: GroundTruth, cfg: RecipeConfig, K: int) -> dict:
-    """Paper Table 4: target return with recommended vs random top-k partners (real runs)."""
+        w0_path = os.path.join(self.out, "w0.pt")
+        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_worker_run, w0_path, self.cfg, self.out, m, s_): self.key(m, s_) for m, s_ in todo}
+            for fut in as_completed(futures):
+                self._store(futures[fut], fut.result())
+
+
+def selection_plan(report, gt: GroundTruth, cfg: RecipeConfig, K: int) -> dict:
+    """Per target: the partner triples to really run (the surrogates' top-k and the random ones)."""
     names = list(cfg.tasks)
     size = cfg.top_k + 1
-    lin_scores = report.scores["linear"]
-    ker_scores = report.scores["ensemble"]
     rng = np.random.default_rng(cfg.seed + 29)
-    rows = {}
+    plan = {}
     for t, target in enumerate(names):
         col = report.target_names.index(target)
 
@@ -239,21 +314,48 @@ def task_selection(report, gt: GroundTruth, cfg: RecipeConfig, K: int) -> dict:
         enumerated = all(gt.has(_mask(K, (t, *c))) for c in all_triples) and cfg.gt_subset_size == size
         draws = all_triples if enumerated else [tuple(sorted(rng.choice(others, cfg.top_k, replace=False)))
                                                  for _ in range(cfg.random_draws)]
-        rand = [gt.returns(_mask(K, (t, *c)))[t] for c in draws]
-        kp, lp = partners(ker_scores), partners(lin_scores)
+        plan[target] = {"t": t, "kernel": partners(report.scores["ensemble"]), "linear": partners(report.scores["linear"]),
+                        "random": draws, "enumerated": bool(enumerated)}
+    return plan
+
+
+def task_selection(report, gt: GroundTruth, cfg: RecipeConfig, K: int) -> dict:
+    """Paper Table 4: target return with recommended vs random top-k partners (real runs)."""
+    names = list(cfg.tasks)
+    plan = selection_plan(report, gt, cfg, K)
+    gt.prefetch([_mask(K, (p["t"], *c)) for p in plan.values() for c in [p["kernel"], p["linear"], *p["random"]]])
+    rows = {}
+    for target, p in plan.items():
+        t = p["t"]
+        rand = [gt.returns(_mask(K, (t, *c)))[t] for c in p["random"]]
         rows[target] = {
-            "kernel_partners": [names[i] for i in kp],
-            "kernel_return": gt.returns(_mask(K, (t, *kp)))[t],
-            "linear_partners": [names[i] for i in lp],
-            "linear_return": gt.returns(_mask(K, (t, *lp)))[t],
+            "kernel_partners": [names[i] for i in p["kernel"]],
+            "kernel_return": gt.returns(_mask(K, (t, *p["kernel"])))[t],
+            "linear_partners": [names[i] for i in p["linear"]],
+            "linear_return": gt.returns(_mask(K, (t, *p["linear"])))[t],
             "random_return": float(np.mean(rand)),
             "random_return_std": float(np.std(rand)),
-            "random_partner_sets": len(draws),
-            "random_is_exact_mean": bool(enumerated),
-            "best_possible_return": float(np.max(rand)) if enumerated else None,
+            "random_partner_sets": len(p["random"]),
+            "random_is_exact_mean": p["enumerated"],
+            "best_possible_return": float(np.max(rand)) if p["enumerated"] else None,
         }
     summary = {k: float(np.mean([r[k] for r in rows.values()])) for k in ("kernel_return", "linear_return", "random_return")}
     return {"per_target": rows, "mean": summary}
+
+
+def _lds_columns(F_true, F_pred) -> np.ndarray:
+    """Per-column Spearman (NaN where a column is constant)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return np.asarray(lds(F_true, F_pred, return_per_column=True).per_column, dtype=float)
+        except ValueError:  # every column constant: no ranking at all
+            return np.full(np.shape(F_true)[1], np.nan)
+
+
+def _nanmean(values) -> Optional[float]:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
 
 
 def _mask(K: int, idx) -> np.ndarray:
@@ -262,7 +364,7 @@ def _mask(K: int, idx) -> np.ndarray:
     return m
 
 
-def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads: int = 1) -> dict:
+def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads: int = 1, workers: int = 1) -> dict:
     """The whole recipe (see the module docstring); returns the results dict."""
     from lightning_ksm.rl import SACModule
 
@@ -333,9 +435,10 @@ def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads
     F_hat_tasks, _ = est.losses(S_eval)
     F_hat_critic, _ = est_critic.losses(S_eval)
     phases["gradex_on_eval_subsets"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - c}
-    gt = GroundTruth(snap, cfg, out)
+    gt = GroundTruth(snap, cfg, out, workers=workers)
     print(f"ground truth: {len(S_eval)} subsets x {cfg.finetune_steps} iterations ...", flush=True)
     start, c = time.perf_counter(), time.process_time()
+    gt.prefetch(S_eval)
     R_true = np.array([gt.returns(mask) for mask in S_eval])
     phases["ground_truth"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - c}
 
@@ -351,24 +454,47 @@ def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads
     targets = report.target_names
     lds_table = {}
     for name, P in preds.items():
-        per_col = np.asarray(lds(F_true, np.asarray(P).reshape(F_true.shape), return_per_column=True).per_column)
-        lds_table[name] = {"mean_over_tasks": float(np.nanmean(per_col[:K])), "all": float(per_col[K]),
+        per_col = _lds_columns(F_true, np.asarray(P).reshape(F_true.shape))
+        lds_table[name] = {"mean_over_tasks": _nanmean(per_col[:K]), "all": float(per_col[K]),
                            "per_target": dict(zip(targets, [float(v) for v in per_col]))}
+
+    # Trivial baselines: "more tasks = lower loss" (-|s|), and "the target itself is trained on".
+    sizes = S_eval.sum(1).astype(float)
+    baselines = {"baseline_minus_size": np.repeat(-sizes[:, None], K + 1, axis=1),
+                 "baseline_target_in_subset": np.concatenate([-S_eval.astype(float), -sizes[:, None]], axis=1)}
+    for name, P in baselines.items():
+        per_col = _lds_columns(F_true, P)
+        lds_table[name] = {"mean_over_tasks": _nanmean(per_col[:K]), "all": float(per_col[K]),
+                           "per_target": dict(zip(targets, [float(v) for v in per_col]))}
+    if np.ptp(sizes) == 0:
+        lds_table["baseline_minus_size"]["note"] = (f"undefined: every evaluation subset has {int(sizes[0])} tasks, "
+                                                    "so -|s| is constant (and LDS within size is the LDS itself)")
 
     # Noise ceiling: how well one fine-tuning seed's real F ranks the subsets like another's.
     seeds = list(cfg.finetune_seeds)
     if len(seeds) > 1:
         per_seed = [-np.array([gt.run(mask, s_) for mask in S_eval]) for s_ in seeds]
         per_seed = [np.concatenate([F_, F_.mean(1, keepdims=True)], axis=1) for F_ in per_seed]
-        per_col = np.asarray(lds(per_seed[0], per_seed[1], return_per_column=True).per_column)
-        lds_table["seed_vs_seed"] = {"mean_over_tasks": float(np.nanmean(per_col[:K])), "all": float(per_col[K]),
+        pairs = list(combinations(range(len(seeds)), 2))
+        pair_cols = np.array([_lds_columns(per_seed[i], per_seed[j]) for i, j in pairs])
+        per_col = np.nanmean(pair_cols, axis=0)
+        lds_table["seed_vs_seed"] = {"mean_over_tasks": _nanmean(per_col[:K]), "all": float(per_col[K]),
                                      "per_target": dict(zip(targets, [float(v) for v in per_col])),
-                                     "note": f"real F of fine-tuning seed {seeds[0]} vs seed {seeds[1]}: the noise ceiling"}
+                                     "per_pair": {f"{seeds[i]}-{seeds[j]}": _nanmean(c[:K]) for (i, j), c in zip(pairs, pair_cols)},
+                                     "note": "real F of one fine-tuning seed vs another, mean over the seed pairs: "
+                                             "the noise ceiling of a single seed"}
+        if len(seeds) > 2:
+            rest_cols = np.array([_lds_columns(per_seed[i], np.mean([per_seed[j] for j in range(len(seeds)) if j != i], 0))
+                                  for i in range(len(seeds))])
+            per_col = np.nanmean(rest_cols, axis=0)
+            lds_table["seed_vs_rest"] = {"mean_over_tasks": _nanmean(per_col[:K]), "all": float(per_col[K]),
+                                         "per_target": dict(zip(targets, [float(v) for v in per_col])),
+                                         "note": "each seed's real F vs the mean of the other seeds, mean over seeds"}
 
     # 5. task selection --------------------------------------------------------------------------
     start, c = time.perf_counter(), time.process_time()
     selection = task_selection(report, gt, cfg, K)
-    selection_critic = task_selection(report_critic, gt, cfg, K)
+    selection_critic = task_selection(report_critic, gt, cfg, K) if cfg.critic_selection else None
     phases["task_selection_extra_runs"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - c}
 
     runs = list(gt.cache.values())
@@ -426,6 +552,8 @@ def run(cfg: RecipeConfig, out: str, results_path: Optional[str] = None, threads
         "task_selection": selection,
         "task_selection_critic_targets": selection_critic,
     }
+    if asdict(cfg) == asdict(replace(CONFIGS["mt10"], tasks=resolve_env_names(CONFIGS["mt10"].tasks))):
+        results["preregistration"] = PREREGISTRATION
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     if results_path:
@@ -453,6 +581,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/mt10")
     ap.add_argument("--results", default=None, help="also write the results JSON here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared CPU)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for the real fine-tuning runs (1 thread each)")
     ap.add_argument("--tasks", nargs="+", default=None, help="override the task list")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
@@ -462,7 +591,7 @@ def main(argv=None) -> dict:
     overrides = {k: v for k, v in {"tasks": args.tasks, "pretrain_steps": args.pretrain_steps,
                                    "finetune_steps": args.finetune_steps, "seed": args.seed}.items() if v is not None}
     cfg = replace(cfg, **overrides)
-    return run(cfg, args.out, args.results, args.threads)
+    return run(cfg, args.out, args.results, args.threads, args.workers)
 
 
 if __name__ == "__main__":
