@@ -71,7 +71,7 @@ def run_analysis(
                  "estimator": result.extras["estimator"]}
     return report_from_losses(
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
-        timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0,
+        timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0, progress=progress,
         # best-subset candidates are re-scored by the same estimator (GradEx) that gave F^
         rescore=lambda masks: estimate_subsets(source, target, masks, cfg, run=(extra_config or {}).get("run")).losses,
     )
@@ -89,6 +89,7 @@ def report_from_losses(
     extra_fit_quality: dict | None = None,
     rescore=None,
     loss_lower_bound: float | None = None,
+    progress: bool = False,
 ) -> AttributionReport:
     """Surrogate fit, fit quality and every readout, from outcomes already measured or estimated.
 
@@ -97,7 +98,8 @@ def report_from_losses(
     on held-out subsets, refitted on all of them, and read out into an :class:`AttributionReport`
     with bootstrap intervals (:mod:`lightning_ksm.assemble`). ``rescore(masks) -> (n, T)`` losses
     (e.g. GradEx) re-scores the best-subset candidates; ``loss_lower_bound`` is the lowest possible
-    loss (default 0 when every F is >= 0, else unknown): no prediction below it is recommended.
+    loss (default 0 when every F is >= 0, else unknown): no prediction below it is recommended;
+    ``progress`` shows progress bars over the readouts' long loops.
     """
     cfg = AnalysisConfig.coerce(config)
     task_names = [str(t) for t in task_names]
@@ -139,7 +141,7 @@ def report_from_losses(
     if loss_lower_bound is None and np.nanmin(F) >= 0:
         loss_lower_bound = 0.0  # a loss never negative on m subsets is treated as a non-negative loss
     out = assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, rescore=rescore,
-                            lower_bound=loss_lower_bound)
+                            lower_bound=loss_lower_bound, progress=progress)
     notes += out["notes"]
     timings["readouts"] = time.perf_counter() - start
 
@@ -272,7 +274,7 @@ def analyze(
             raise ValueError("measured outcomes need subsets= and losses= (and no features or directory)")
         if task_names is None or target_names is None:
             raise ValueError("analyze(subsets=..., losses=...) needs task_names= and target_names=")
-        return report_from_losses(subsets, losses, task_names, target_names, config, **options)
+        return report_from_losses(subsets, losses, task_names, target_names, config, progress=progress, **options)
     if isinstance(data, (str, os.PathLike)):
         directory = os.fspath(data)
         run_harvest = RunDirectory(directory).harvest

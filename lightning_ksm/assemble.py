@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._progress import progress_bar
 from .readouts import (
     best_subset,
     bootstrap_readouts,
@@ -48,11 +49,12 @@ def _ok(v, floor) -> bool:
 
 
 def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *, rescore=None,
-                      lower_bound=None) -> dict:
+                      lower_bound=None, progress: bool = False) -> dict:
     """Readouts and intervals for the report (see the module docstring).
 
     ``rescore(masks (n, K) bool) -> (n, T)`` losses, e.g. GradEx on those subsets; ``lower_bound``:
-    the lowest possible loss (0 for cross-entropy), None when unknown.
+    the lowest possible loss (0 for cross-entropy), None when unknown; ``progress``: progress bars
+    over the targets' best-subset searches and the bootstrap replicates.
     """
     K, T = len(task_names), len(target_names)
     floor = -np.inf if lower_bound is None else float(lower_bound)
@@ -71,13 +73,18 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
 
     # best subsets, inside the support; candidates re-scored with GradEx when possible
     found = {}
+    bar = progress_bar(T, progress, "best subsets", "target")
     for t, name in enumerate(target_names):
+        if bar is not None:
+            bar.update(1)
         try:
             found[t] = best_subset(surrogate, size=cfg.best_subset_size, target=t, max_exact=cfg.max_exact,
                                    seed=cfg.seed, support=support, lower_bound=lower_bound,
                                    top=cfg.rescore_top if rescore is not None else 1)
         except ValueError as exc:
             notes.append(f"no best subset for target {name!r}: {exc}")
+    if bar is not None:
+        bar.close()
     checked = None
     if rescore is not None and found:
         cand = np.vstack([np.ones((1, K), bool)] + [np.array([m for m, _ in b.candidates]) for b in found.values()])
@@ -151,7 +158,7 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
     intervals = {}
     if cfg.n_bootstrap > 0:
         intervals = _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task_names, floor,
-                               scores, interactions)
+                               scores, interactions, progress)
     return {
         "scores": scores,
         "interactions": interactions,
@@ -164,7 +171,7 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
 
 
 def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task_names, floor, scores,
-               interactions) -> dict:
+               interactions, progress=False) -> dict:
     K, T = len(task_names), len(target_names)
     level = cfg.interval_level
     focus = [target_names.index(n) for n in focus_targets(task_names, target_names)]
@@ -174,7 +181,8 @@ def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task
         sorted(set(focus))[:_MAX_FOCUS_INTERACTIONS]
     queries = [np.ones(K, bool)] + [m for _, m in best] + [m for _, m, _ in groups]
     draws = bootstrap_readouts(surrogate, S, F, n_boot=cfg.n_bootstrap, level=level, seed=cfg.seed,
-                               ensemble_subsets=E, queries=np.array(queries), interaction_columns=inter_cols)
+                               ensemble_subsets=E, queries=np.array(queries), interaction_columns=inter_cols,
+                               progress=progress)
     lin = bootstrap_readouts(linear, S, F, n_boot=cfg.n_bootstrap, level=level, seed=cfg.seed, readouts=("loo",))
     out = {
         "level": level, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .._progress import progress_bar
 from ..features import HarvestedFeatures
 from .checks import check_source_subsets
 from .newton import Problem, solve_batch
@@ -93,7 +94,7 @@ class Solver:
     def batches(self, S: np.ndarray, batch_size: int, progress: bool, desc: str) -> Iterator[tuple]:
         """Solve the subsets ``S`` batch by batch; yields :meth:`solve`'s result per batch, with
         one progress bar over all subsets."""
-        bar = _progress(len(S), progress, desc)
+        bar = progress_bar(len(S), progress, desc, "subset")
         try:
             for start in range(0, len(S), batch_size):
                 out = self.solve(S[start : start + batch_size])
@@ -103,16 +104,6 @@ class Solver:
         finally:
             if bar is not None:
                 bar.close()
-
-
-def _progress(total, enabled, desc):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, desc=desc, unit="subset")
 
 
 def warn_unconverged(converged, grad_norms):

@@ -15,6 +15,7 @@ from math import comb
 
 import numpy as np
 
+from .moves import MoveScorer
 from .scores import _CHUNK, _n_tasks, _predict2d, _target_column
 from .support import Support, support_of
 
@@ -163,6 +164,22 @@ def best_subset(
             good.add(masks[ok], vals[ok])
             anywhere.add(masks, vals)
         n_eval = n_candidates
+    elif MoveScorer.applies(surrogate):  # the same search, moves scored incrementally (moves.py)
+        rng = np.random.default_rng(seed)
+        scorer = MoveScorer(surrogate, col, sup)
+        starts = [_greedy_fast(scorer, K, size, floor, good, anywhere)]
+        train = sup.X if size is None else sup.X[sup.X.sum(axis=1) == size]
+        if len(train):
+            starts.append(train[int(np.argmin(raw(train)))])
+        for _ in range(n_restarts):
+            r = size if size is not None else int(rng.integers(sup.min_size, sup.max_size + 1))
+            m = np.zeros(K, dtype=bool)
+            m[rng.choice(K, size=r, replace=False)] = True
+            starts.append(m)
+        for start in starts:
+            n_eval += _search_fast(scorer, start, allow_resize=size is None, floor=floor, good=good, anywhere=anywhere)
+        n_eval += _search_fast(scorer, _greedy_fast(scorer, K, size, floor, None, None), allow_resize=size is None,
+                               floor=floor, good=None, anywhere=anywhere)
     else:
         rng = np.random.default_rng(seed)
 
@@ -200,6 +217,66 @@ def best_subset(
         outside = (best_any[0][0], float(best_any[0][1]))
     return BestSubset(mask, float(val), exact, col, int(n_eval), [(m, float(v)) for m, v in found], outside,
                       described)
+
+
+def _record(top, values: np.ndarray, build) -> None:
+    """Add the ``top.n`` lowest finite values (and their masks, built only for those) to ``top``."""
+    idx = np.flatnonzero(np.isfinite(values))
+    if len(idx) > top.n:
+        idx = idx[np.argpartition(values[idx], top.n - 1)[: top.n]]
+    if len(idx):
+        top.add(build(idx), values[idx])
+
+
+def _search_fast(scorer: MoveScorer, mask: np.ndarray, *, allow_resize: bool, floor: float, good, anywhere) -> int:
+    """:func:`_local_search` with moves scored by ``scorer``; ``good`` None: unconstrained (the
+    support and the floor are ignored), else the valid moves are recorded in ``good``."""
+    constrained = good is not None
+    current = scorer.value(mask)
+    anywhere.add(mask[None], np.array([current]))
+    if constrained:
+        if scorer.support.contains(mask[None])[0] and current >= floor:
+            good.add(mask[None], np.array([current]))
+        else:
+            current = np.inf
+    n_eval = 1
+    while True:
+        vals, oks, build = scorer.moves(mask, allow_resize=allow_resize, check=constrained)
+        if len(vals) == 0:
+            return n_eval
+        n_eval += len(vals)
+        _record(anywhere, vals, build)
+        if constrained:
+            vals = np.where(oks & (vals >= floor), vals, np.inf)
+            _record(good, vals, build)
+        i = int(np.argmin(vals))
+        if not np.isfinite(vals[i]) or vals[i] >= current - 1e-12 * max(1.0, abs(current) if np.isfinite(current) else 1.0):
+            return n_eval
+        mask, current = build([i])[0], float(vals[i])
+
+
+def _greedy_fast(scorer: MoveScorer, K: int, size: int | None, floor: float, good, anywhere) -> np.ndarray:
+    """:func:`_greedy` with additions scored by ``scorer`` (``good`` None: unconstrained)."""
+    mask = np.zeros(K, dtype=bool)
+    current = np.inf
+    while mask.sum() < (size if size is not None else K):
+        out = np.flatnonzero(~mask)
+        vals = scorer.flips(mask, out, True)
+        if good is not None:
+            def build(idx, mask=mask, out=out):
+                rows = np.repeat(mask[None], len(idx), axis=0)
+                rows[np.arange(len(idx)), out[np.asarray(idx)]] = True
+                return rows
+            _record(anywhere, vals, build)
+            vals = np.where(scorer.flips_valid(mask, out, True) & (vals >= floor), vals, np.inf)
+            _record(good, vals, build)
+        i = int(np.argmin(vals))
+        if size is None and np.isfinite(current) and vals[i] >= current:
+            break
+        mask = mask.copy()
+        mask[out[i]] = True
+        current = float(vals[i])
+    return mask
 
 
 def _local_search(loss, mask: np.ndarray, *, allow_resize: bool, record=None) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.base import clone
 
+from .._progress import progress_bar
 from .scores import _ensemble_from, _interactions_from, _predict2d, interaction_design
 
 __all__ = ["bootstrap_readouts", "BootstrapDraws", "percentile_interval", "bootstrap_interval"]
@@ -84,6 +85,7 @@ def bootstrap_readouts(
     queries=None,
     interaction_columns=(),
     readouts=("ensemble", "loo"),
+    progress: bool = False,
 ) -> BootstrapDraws:
     """Bootstrap the readouts of ``surrogate`` (fitted on ``S`` (m, K), ``F`` (m, T)).
 
@@ -96,6 +98,7 @@ def bootstrap_readouts(
         queries: (Q, K) subsets whose predicted losses are drawn (recommended subsets, groups).
         interaction_columns: target columns whose interaction matrices are drawn.
         readouts: which of "ensemble" and "loo" to draw.
+        progress: show a progress bar over the replicates.
     """
     S = np.asarray(S, dtype=bool)
     F = np.asarray(F, dtype=np.float64).reshape(len(S), -1)
@@ -108,7 +111,10 @@ def bootstrap_readouts(
     Q = None if queries is None else np.asarray(queries, dtype=np.float64).reshape(-1, K)
     out = BootstrapDraws(level=level, n_boot=n_boot, interaction_columns=cols)
     ens, loo, inter, qd = [], [], [], []
+    bar = progress_bar(n_boot, progress, "bootstrap intervals", "replicate")
     for _ in range(n_boot):
+        if bar is not None:
+            bar.update(1)
         idx = rng.integers(0, m, size=m)
         if len(np.unique(S[idx], axis=0)) < 2:
             idx = rng.permutation(m)
@@ -122,6 +128,8 @@ def bootstrap_readouts(
             inter.append(_interactions_from(K, _predict2d(model, inter_design)[:, cols]).astype(np.float32))
         if Q is not None and len(Q):
             qd.append(_predict2d(model, Q))
+    if bar is not None:
+        bar.close()
     out.ensemble = np.stack(ens) if ens else None
     out.loo = np.stack(loo) if loo else None
     out.interactions = np.stack(inter) if inter else None
