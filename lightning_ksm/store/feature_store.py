@@ -40,6 +40,7 @@ class FeatureStore:
             raise ValueError(f"FeatureStore dtype must be one of {_DTYPES}, got {dtype!r}")
         self.directory = os.fspath(directory)
         self._dtype = None if dtype is None else str(np.dtype(dtype))
+        self._checked = None  # the manifest bytes last validated (or written) by this object
         if self.exists():
             existing = self.manifest()["dtype"]
             if self._dtype is not None and self._dtype != existing:
@@ -60,15 +61,20 @@ class FeatureStore:
     def manifest(self) -> dict:
         """The manifest as a dict, freshly read and validated (a malformed one: CorruptStoreError)."""
         try:
-            with open(self.manifest_path, encoding="utf-8") as f:
-                data = json.load(f)
+            with open(self.manifest_path, "rb") as f:
+                raw = f.read()
+            data = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no feature store at {self.directory} (missing {MANIFEST}); harvest into it first"
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(f"corrupted manifest {self.manifest_path}: {exc}") from None
-        return check_manifest(data, self.manifest_path)
+        if raw == self._checked:  # unchanged since this object checked or wrote it: the field-by-field
+            return data  # check is O(shards), and a harvest reads the manifest for every shard
+        data = check_manifest(data, self.manifest_path)
+        self._checked = raw
+        return data
 
     @property
     def dtype(self) -> str:
@@ -80,8 +86,11 @@ class FeatureStore:
         return exclusive_lock(os.path.join(self.directory, ".manifest.lock"))
 
     def _write_manifest(self, data: dict) -> None:
-        text = json.dumps(data, indent=1, sort_keys=False).encode("utf-8")
+        # Compact: json's C encoder serves only indent=None, and the manifest is rewritten on every
+        # shard, so an indented one made the harvest's bookkeeping grow as shards^2 in pure Python.
+        text = json.dumps(data, separators=(",", ":")).encode("utf-8")
         atomic_write(self.manifest_path, lambda f: f.write(text), mode=None)
+        self._checked = text
 
     def initialize(
         self,
