@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ._threads import pinned_threads
 from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
 from .estimation import estimate_subsets
@@ -53,7 +54,12 @@ def run_analysis(
     cfg.validate(K)
     if target.n_samples == 0:
         raise ValueError("the target split has no samples; check the target dataloader")
-    timings = dict(timings or {})
+    with pinned_threads(cfg.threads):
+        return _run_analysis(source, target, cfg, task_names, dict(timings or {}), extra_config, progress)
+
+
+def _run_analysis(source, target, cfg, task_names, timings, extra_config, progress) -> AttributionReport:
+    K = len(task_names)
 
     # 1. subsets; unique when there are enough distinct subsets to draw from.
     unique = cfg.n_possible_subsets(K) >= 2 * cfg.n_subsets
@@ -102,6 +108,13 @@ def report_from_losses(
     ``progress`` shows progress bars over the readouts' long loops.
     """
     cfg = AnalysisConfig.coerce(config)
+    with pinned_threads(cfg.threads):
+        return _report_from_losses(S, F, task_names, target_names, cfg, timings, extra_config, extra_fit_quality,
+                                   rescore, loss_lower_bound, progress)
+
+
+def _report_from_losses(S, F, task_names, target_names, cfg, timings, extra_config, extra_fit_quality, rescore,
+                        loss_lower_bound, progress) -> AttributionReport:
     task_names = [str(t) for t in task_names]
     target_names = [str(t) for t in target_names]
     K = len(task_names)

@@ -293,6 +293,10 @@ class AnalysisConfig(_Settings):
     n_bootstrap: int = setting(100, "bootstrap replicates over the fitted subsets for the intervals of every "
                                "score, interaction and recommendation; 0: no intervals", int_at_least(0))
     interval_level: float = setting(0.9, "coverage of the bootstrap intervals", open_fraction())
+    # resources
+    threads: int = setting(1, "CPU threads (torch and BLAS) of the analysis (GradEx, surrogate, readouts), "
+                           "restored afterwards; 0: leave the process's settings (docs/benchmarks.md)",
+                           int_at_least(0))
 
     def validate(self, n_tasks: int | None = None) -> None:
         """Check every setting, and those bounded by the number of source tasks when it is known."""

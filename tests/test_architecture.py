@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_ksm"
 # base modules and anything in a lower layer; the pipeline stages never import each other (the
 # analysis is where they meet); adapters may also import the callback base and the package root.
 LAYERS = {
-    "base": {"config", "fileio", "rundir", "task_ids", "_validation", "_progress", "metrics", "subsets"},
+    "base": {"config", "fileio", "rundir", "task_ids", "_validation", "_progress", "_threads", "metrics", "subsets"},
     "data": {"features", "store"},
     "stages": {"harvesting", "estimation", "surrogates", "quality", "readouts"},
     "report": {"report"},

@@ -67,3 +67,32 @@ def test_other_surrogates_use_the_generic_path():
     lin = LinearSurrogate().fit(S, S @ np.arange(S.shape[1], dtype=float))
     assert not MoveScorer.applies(lin) and not MoveScorer.applies(KernelSurrogate())
     assert best_subset(lin, max_exact=10).predicted_loss <= lin.predict(S).min() + 1e-9
+
+
+def test_the_analysis_runs_with_its_threads_and_restores_the_process_setting(monkeypatch):
+    import torch
+
+    from conftest import regression_features
+    from lightning_ksm import analyze
+    import lightning_ksm.analysis as analysis
+
+    seen = []
+    original = analysis.estimate_subsets
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "estimate_subsets", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        source, target = regression_features()
+        analyze(source, target, {"n_subsets": 20, "n_bootstrap": 0, "threads": 1})
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored
+        seen.clear()
+        analyze(source, target, {"n_subsets": 20, "n_bootstrap": 0, "threads": 0})  # 0: left alone
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)

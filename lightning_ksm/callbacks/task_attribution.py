@@ -60,7 +60,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
             surrogate, readouts.
         output, projection, proj_dim, proj_seed, include, exclude, chunk_size, harvest_batch_size,
         jacobian_dtype, n_subsets, subset_p, subset_size, seed, estimator, simulate_adam, lam, loss,
-        weighting, kernel, gamma, alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact: the same settings
+        weighting, kernel, gamma, alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact, ...,
+            threads: the same settings
             as flat keyword arguments (convenient in code and LightningCLI YAML); one given here
             overrides the same field of ``harvest=`` / ``analysis=``. None: that object's value (the
             default). Every setting's meaning, default and range: ``docs/callback.md``.
@@ -140,6 +141,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         n_bootstrap: Optional[int] = None,
         interval_level: Optional[float] = None,
         selection: Optional[str] = None,
+        threads: Optional[int] = None,
     ) -> None:
         super().__init__(dirpath=dirpath, raise_on_analysis_error=raise_on_analysis_error)
         flat = dict(locals())

@@ -25,6 +25,7 @@ import warnings
 
 import numpy as np
 
+from .._threads import pinned_threads
 from .. import (
     KernelSurrogate,
     LinearSurrogate,
@@ -130,8 +131,6 @@ def planted_demo(out: str = "demo_output", *, epochs: int = 10, n_subsets: int =
     :class:`~lightning_ksm.AttributionReport`.
     """
     import lightning.pytorch  # noqa: F401  (its import sets Lightning's log levels; quiet them after)
-    import torch
-    from threadpoolctl import threadpool_limits
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -139,13 +138,8 @@ def planted_demo(out: str = "demo_output", *, epochs: int = 10, n_subsets: int =
     _prepare_out(out)
     # A tiny model and small matrices: extra torch / BLAS threads only add synchronisation cost (on
     # a busy 2-core machine a 200 x 200 eigh in the surrogate fit became 100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1), _quiet_lightning():
-            return _run(out, epochs=epochs, n_subsets=n_subsets, seed=seed, verify=verify, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    with pinned_threads(1), _quiet_lightning():
+        return _run(out, epochs=epochs, n_subsets=n_subsets, seed=seed, verify=verify, progress=progress)
 
 
 def _run(out: str, *, epochs: int, n_subsets: int, seed: int, verify: bool, progress: bool):
