@@ -207,7 +207,7 @@ def run_per_sample(problem, *, n_per_task=None, n_targets=None, n_hessian=512, s
         # dattri's inner-product attributors redo the test side (the iHVP solve) for every training
         # batch: one batch per side when the model is small enough
         "train": _loader(problem.x[pos], problem.y[pos].to(y_dtype), len(pos) if n_params < 100_000 else 256),
-        "test": _loader(problem.x_target[tpos], problem.y_target[tpos], len(tpos) if n_params < 100_000 else 256),
+        "test": _loader(problem.x_target[tpos], problem.y_target[tpos], 64),  # (vmapped iHVP solves: memory)
         "hessian": _loader(problem.x[hpos], problem.y[hpos], len(hpos)),
         "ckpts": [c for c, _ in (checkpoints or [(problem.final, 1.0)])],
         "ckpt_lr": [w for _, w in (checkpoints or [(problem.final, 1.0)])],

@@ -261,7 +261,7 @@ def _breast_cancer(n_random: int = 200, K: int = 10, p: float = 0.8) -> Problem:
 
 
 # -- a tiny problem for the smoke test -------------------------------------------------------------
-def tiny_problem(K: int = 4, n_per: int = 24, n_random: int = 16, seed: int = 0) -> Problem:
+def tiny_problem(K: int = 5, n_per: int = 24, n_random: int = 12, seed: int = 0) -> Problem:
     """K sources of 2-class data (the first one with flipped labels), an MLP trained 2 epochs; every
     subset really retrained (seconds)."""
     from lightning_ksm.subsets import sample_subsets
@@ -306,7 +306,7 @@ def tiny_problem(K: int = 4, n_per: int = 24, n_random: int = 16, seed: int = 0)
     loo = ~np.eye(K, dtype=bool)
     rand = [r for r in sample_subsets(K, n_random, p=0.7, seed=seed, unique=True) if r.sum() >= 1]
     S = np.vstack([full, loo, np.array(rand, dtype=bool)])
-    F_seeds = np.array([[float(nn.functional.cross_entropy(train_loop(subset=s, bseed=b)[0](xt), yt))
+    F_seeds = np.array([[float(nn.functional.cross_entropy(train_loop(subset=s, bseed=b)[0](xt), yt).detach())
                          for s in S] for b in (0, 1)])
     rows = np.arange(K + 1, len(S))
     model = train_loop()[0]

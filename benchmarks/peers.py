@@ -305,12 +305,16 @@ def main(argv=None):
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS))
     ap.add_argument("--tables", metavar="RESULTS_JSON")
     ap.add_argument("--full", action="store_true", help="with --tables: every row of every sweep")
+    ap.add_argument("--memory-gb", type=int, default=10, help="address-space limit of this process")
     args = ap.parse_args(argv)
     if args.tables:
         print(format_tables(json.load(open(args.tables)), full=args.full))
         return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    import resource  # a shared machine: a method that needs more memory fails (and is recorded) instead
+
+    resource.setrlimit(resource.RLIMIT_AS, (args.memory_gb << 30, resource.RLIM_INFINITY))
     start = time.perf_counter()
 
     def log(msg):
