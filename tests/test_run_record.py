@@ -221,3 +221,17 @@ def test_sgd_momentum_recorded(tmp_path):
     tr.fit(TinyNet(), *loaders(train, val))
     opt = cb.report.config["run"]["optimizer"]
     assert opt["type"] == "SGD" and opt["momentum"] == 0.9 and opt["nesterov"] is False
+
+
+def test_a_recorder_finished_without_start_records_no_optimizer_instead_of_crashing():
+    from types import SimpleNamespace
+
+    from lightning_ksm.callbacks.run_record import RunRecorder
+
+    rec = RunRecorder()
+    trainer = SimpleNamespace(global_step=3, current_epoch=1)
+    rec.after_batch(trainer)  # no optimizer known: nothing recorded
+    rec.finish(trainer, displacement=0.5)
+    out = rec.record()
+    assert out["steps"] == 3 and out["displacement"] == 0.5 and out.get("optimizer") is None
+    assert out["lr_schedule"] is None

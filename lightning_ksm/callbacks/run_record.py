@@ -139,6 +139,7 @@ class RunRecorder:
     def __init__(self) -> None:
         self._rec: dict = {}
         self.lr_schedule: list = []
+        self._opt = None  # set by start(); a recorder finished without it records no optimizer
 
     def start(self, trainer) -> None:
         opts = list(getattr(trainer, "optimizers", None) or [])
