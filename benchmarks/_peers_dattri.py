@@ -155,7 +155,8 @@ def _sweep(problem_small: bool, n_params: int, linear_names):
     rows.append(("grad_cos", lambda c: _tracin(c, [c["final"]], [1.0], True, proj),
                  {"proj_dim": proj or "none (exact)"}))
     rows.append(("tracin", lambda c: _tracin(c, c["ckpts"], c["ckpt_lr"], False, proj),
-                 {"proj_dim": proj or "none (exact)", "checkpoints": "5 evenly spaced along the watched run, lr weights"}))
+                 {"proj_dim": proj or "none (exact)", "checkpoints": "evenly spaced along the watched run (the last = the "
+                  "final model), lr weights"}))
     damp = (1e-3, 1e-2, 1e-1) if problem_small else (1e-2, 1e-1)
     for lam in damp:
         if n_params <= 2_000:
@@ -214,7 +215,7 @@ def run_per_sample(problem, *, n_per_task=None, n_targets=None, n_hessian=512, s
     }
     out = {}
     for name, fn, hyper in _sweep(n_params < 10_000, n_params, linear):
-        if only is not None and not any(name.startswith(o) for o in only):
+        if only is not None and name not in only:
             continue
         if cache is not None and name in cache:
             out[name] = cache[name]
