@@ -49,14 +49,17 @@ from _peers_problems import PROBLEMS, load_problem  # noqa: E402
 
 ROOT = os.path.join("runs", "peers")
 MODULAR_METHODS = ["trak_p128", "trak_p512", "grad_dot", "grad_cos", "tracin", "if_ekfac_d0.1", "if_datainf_d0.1"]
+# quad: fewer again (the time budget; TracIn alone is ~450 s here)
+MODULAR_QUAD_METHODS = ["trak_p512", "grad_dot", "grad_cos", "if_ekfac_d0.1", "if_datainf_d0.1"]
 # per-sample budgets: (attributed training samples per task, target samples, Hessian samples, methods)
 BUDGETS = {
     "project": dict(n_per_task=None, n_targets=None, n_hessian=512, only=None),
     "breast_cancer": dict(n_per_task=None, n_targets=None, n_hessian=455, only=None),
     # the 422k-parameter transformer: 16 samples per task (400 of 8468), 256 of 941 targets, and a
-    # shortened list (one TRAK projection took 85-100 s here; 2048 dims, CG, LiSSA, Arnoldi left out)
+    # shortened list (one TRAK projection took 85-100 s here, dattri's CPU projector being dense
+    # Gaussian: 2048 dims, CG, LiSSA, Arnoldi left out)
     "modular_add": dict(n_per_task=16, n_targets=256, n_hessian=256, only=MODULAR_METHODS),
-    "modular_quad": dict(n_per_task=16, n_targets=256, n_hessian=256, only=MODULAR_METHODS),
+    "modular_quad": dict(n_per_task=16, n_targets=256, n_hessian=256, only=MODULAR_QUAD_METHODS),
 }
 
 
@@ -404,9 +407,16 @@ def main(argv=None):
                   "every 10 ms (torch's CPU tensors are invisible to tracemalloc)",
         "seeds": {"per_sample_subsampling": 0, "targets_hessian_subsampling": 1, "projections": 0},
         "not_run": {
-            "kronfluence": "not installed: kronfluence 1.0.1 requires torchvision; torchvision 0.28.0 (pinned to "
-                           "torch==2.13.0) resolves with `pip install --dry-run`, but the bench extra keeps to dattri "
-                           "(whose EK-FAC, IFAttributorEKFAC, is a row here) to leave torchvision out of CI",
+            "kronfluence": "not installed, not run: `pip install --dry-run -c .venv/constraints.txt kronfluence==1.0.1` "
+                           "does resolve here (torchvision 0.28.0, which requires torch==2.13.0, plus accelerate, "
+                           "einops, opt_einsum, einconv, psutil), but there was no time left in this pass to add it; "
+                           "EK-FAC is represented by dattri's IFAttributorEKFAC (rows if_ekfac_*)",
+            "dattri_other": "RPS, DVEmb, LoGra, FactGraSS, BlockProjectedIF and KNN-Shapley are not rows (the issue "
+                            "names TRAK, TracIn, influence functions, Grad-Dot/Grad-Cos)",
+            "modular_shortened": "on the 422k-parameter transformer (CPU, one thread, dattri's dense Gaussian "
+                                 "projector: 85-150 s per method) only the methods in budget_per_sample_methods.only "
+                                 "ran: TRAK 2048 dims, CG, LiSSA, Arnoldi and the other dampings not run on either "
+                                 "operation; TracIn and TRAK 128 on addition only",
         },
         "problems": out,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
