@@ -88,6 +88,9 @@ def score(S, est, est_all, truth, f_obs_all, fit, ev) -> dict:
         "relative_error_median": float(np.median(np.abs(e - t) / np.abs(t))),
         "relative_error_anchored_median": float(np.median(np.abs(anchored[ev] - t) / np.abs(t))),
         "std_ratio": float(np.std(e) / np.std(t)) if np.std(t) > 0 else None,
+        # the tuning half's ranking: what a choice (e.g. of k) may look at (the rest is the evaluation)
+        "spearman_tuning_half": _spearman(est[fit], truth[fit]),
+        "spearman_within_size_tuning_half": partial_spearman(est[fit], truth[fit], size[fit]),
     }
     try:
         out["kernelsm_heldout_lds"] = heldout_scores(KernelSurrogate(), S[fit], est[fit], S[ev], t)["lds"]
