@@ -256,7 +256,8 @@ def test_output_mode_the_model_cannot_use(tmp_path):
     _fit_expecting(tmp_path, TaskAttribution(output="regression", **FAST), train, val, "regression")
 
 
-def test_non_finite_gradient_names_the_parameter(tmp_path):
+@pytest.mark.parametrize("projection", ["sjlt", "factorized"])
+def test_non_finite_gradient_names_the_parameter(tmp_path, projection):
     class Exploding(TinyNet):
         def forward(self, x):
             # A finite output whose gradient w.r.t. net.2.bias is NaN (sqrt'(0) * 0).
@@ -265,7 +266,7 @@ def test_non_finite_gradient_names_the_parameter(tmp_path):
     train, val = make_data()
     L.seed_everything(0, verbose=False)
     with pytest.raises(ValueError, match=r"net\.2\.bias"):
-        trainer(tmp_path, [TaskAttribution(**FAST)]).fit(Exploding(), *loaders(train, val))
+        trainer(tmp_path, [TaskAttribution(**{**FAST, "projection": projection})]).fit(Exploding(), *loaders(train, val))
 
 
 def test_bad_settings_fail_at_construction():

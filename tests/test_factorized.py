@@ -191,3 +191,32 @@ def test_the_same_projection_in_another_process():
     torch.manual_seed(123)  # the global RNG state must not matter
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     np.testing.assert_array_equal(np.array(json.loads(out.stdout)), here.project(ones)[0].numpy())
+
+
+class UsesAWeightOutsideItsModule(nn.Module):
+    """A hand-tied output layer: the embedding's weight is also used directly in forward, where the
+    layer hooks cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.emb(tokens))).mean(1)
+        return h @ self.emb.weight[:4].T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_parameter_used_outside_its_module_is_refused_by_name(dtype):
+    torch.manual_seed(0)
+    model = UsesAWeightOutsideItsModule().to(dtype)
+    tokens, labels = _seq_batch()
+    batch = [(tokens, labels, [0] * len(labels))]
+    proj = projector_for_model(model, "factorized", 16, seed=0)
+    with pytest.raises(ValueError, match=r"'emb\.weight' is used outside the module"):
+        harvest(model, batch, projector=proj, mode="margin")
+    # without it the others pass the same check (as every model of the tests above does)
+    proj = projector_for_model(model, "factorized", 16, seed=0, exclude=["emb.weight"])
+    fast = harvest(model, batch, projector=proj, mode="margin").jacobians
+    assert np.isfinite(fast).all() and fast.shape == (len(labels), proj.k)

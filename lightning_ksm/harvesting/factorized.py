@@ -185,10 +185,13 @@ class FactorizedEngine:
             self.fallback = Engine(model, fallback, mode, projector.subset(fallback), weights, forward_fn, device,
                                    chunk_size)
         self.fallback_names = fallback
+        self.checked = False  # the batch-gradient check runs on the first chunk (see _check_sums)
+        self._leaves: dict = {}
 
     def _call(self, inputs):
         merged = dict(self.const)
-        merged.update({f"model.{n}": t.detach().requires_grad_(True) for n, t in self.sel.items()})
+        self._leaves = {n: t.detach().requires_grad_(True) for n, t in self.sel.items()}
+        merged.update({f"model.{n}": t for n, t in self._leaves.items()})
         return torch.func.functional_call(self.fmodel, merged, (inputs,))
 
     def forward_batch(self, inputs):
@@ -237,9 +240,16 @@ class FactorizedEngine:
         vector = self.mode == "logits"
         scalars = [out[:, c] for c in range(n_classes)] if vector else [scalarize(self.mode, out, labels)]
         outputs = [o for m in modules for _, o in calls[m]]
+        check = not self.checked
+        leaves = [self._leaves[name] for name in self.covered] if check else []
         blocks = []
         for i, scalar in enumerate(scalars):
-            grads = torch.autograd.grad(scalar.sum(), outputs, retain_graph=i < len(scalars) - 1, allow_unused=True)
+            grads = torch.autograd.grad(scalar.sum(), outputs + leaves, retain_graph=i < len(scalars) - 1,
+                                        allow_unused=True)
+            if check and i == 0:
+                batch_grads, grads = grads[len(outputs):], grads[:len(outputs)]
+            elif check:
+                grads = grads[:len(outputs)]
             delta, j = {}, 0
             for m in modules:
                 delta[m] = []
@@ -248,9 +258,34 @@ class FactorizedEngine:
                     delta[m].append((inp, torch.zeros_like(o) if g is None else g))
                     j += 1
             blocks.append(self._project(delta, scalar.shape[0]))
+            if check and i == 0:
+                self._check_sums(blocks[0], batch_grads)
+                self.checked = True
         values = (out if vector else scalars[0]).detach()
         projected = torch.stack(blocks, dim=1) if vector else blocks[0]
         return values, projected
+
+    def _check_sums(self, projected: torch.Tensor, batch_grads) -> None:
+        """The projection is linear, so the per-sample blocks summed over the chunk must equal the
+        projection of the chunk's ordinary gradient. They differ when the model uses a parameter
+        outside the module that owns it (e.g. ``x @ self.embed.weight.T`` in ``forward``): the
+        hooks never see that use, so its part of the gradient would be silently missing."""
+        P = self.projector
+        for name, g in zip(self.covered, batch_grads):
+            offset, dim = P.plan[name][-2], P.plan[name][-1]
+            got = projected[:, offset: offset + dim].sum(0)
+            want = P.project_param(name, (torch.zeros_like(self._leaves[name]) if g is None else g)[None])[0]
+            bad = not bool(torch.isfinite(want).all())
+            if not bad:
+                tol = (1e-3 if got.dtype != torch.float64 else 1e-8) * (float(want.norm()) + float(got.norm())) + 1e-12
+                bad = float((got - want).norm()) > tol
+            if bad:
+                raise ValueError(
+                    f"factorized projection: parameter {name!r} is used outside the module that owns it (or its "
+                    "gradient is not finite): its gradient through the model differs from what the layer hooks "
+                    "see, so its projected gradients would be wrong. Use projection='sjlt' (per-sample "
+                    "gradients), or exclude= this parameter"
+                )
 
     def _project(self, delta: dict, n: int) -> torch.Tensor:
         """The covered parameters' projected gradients ``(n, k)`` (fallback blocks left at 0)."""
