@@ -220,3 +220,22 @@ def test_a_parameter_used_outside_its_module_is_refused_by_name(dtype):
     proj = projector_for_model(model, "factorized", 16, seed=0, exclude=["emb.weight"])
     fast = harvest(model, batch, projector=proj, mode="margin").jacobians
     assert np.isfinite(fast).all() and fast.shape == (len(labels), proj.k)
+
+
+def test_batchnorm_uses_the_snapshot_statistics_not_the_live_ones():
+    """The harvest at W0 after training: the live module's running statistics have moved on, and
+    the hooks must use W0's (the ones the forward pass uses), as the exact path does."""
+    torch.manual_seed(1)
+    model = TinyConv().double()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    w0 = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    model.bn.running_mean.add_(1.0)  # "training" moved the live statistics
+    model.bn.running_var.mul_(3.0)
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    proj = projector_for_model(model, "factorized", 16, seed=0)
+    fast = harvest(model, [(x, y, [0] * 6)], projector=proj, mode="margin", weights=w0).jacobians
+    reference = TinyConv().double()
+    reference.load_state_dict(w0)
+    np.testing.assert_allclose(fast, _exact_then_project(reference, x, y, proj, "margin"), rtol=1e-8, atol=1e-10)

@@ -316,7 +316,12 @@ class FactorizedEngine:
             if role == "bn_bias":
                 return P.project_param(name, flat_d.sum(2))
             shape = (1, -1) + (1,) * (inp.dim() - 2)
-            xhat = (inp - module.running_mean.reshape(shape)) / torch.sqrt(module.running_var.reshape(shape) + module.eps)
+            # The statistics the forward pass used: W0's buffers (the live module's may have moved on
+            # since the snapshot, e.g. when the harvest runs after training).
+            prefix = name.rsplit(".", 1)[0]
+            mean = self.const.get(f"model.{prefix}.running_mean", module.running_mean)
+            var = self.const.get(f"model.{prefix}.running_var", module.running_var)
+            xhat = (inp - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + module.eps)
             return P.project_param(name, (flat_d * xhat.reshape(n, d.shape[1], -1)).sum(2))
         if role == "conv":
             u = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
