@@ -38,13 +38,12 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _common import write_results  # noqa: E402
+from _common import partial_spearman, spearman, write_results  # noqa: E402
 from _fidelity_project import HARMFUL, HELPFUL, project_truth  # noqa: E402
 from _fidelity_truth import modular_truth, subset_key  # noqa: E402
 
@@ -61,20 +60,7 @@ LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-def _spearman(a, b) -> float:
-    r = spearmanr(a, b).correlation
-    return float(r) if np.isfinite(r) else 0.0
-
-
-def partial_spearman(a, b, size) -> float:
-    """Rank correlation of a and b with the subset size partialled out (ranks, then residuals)."""
-    ra, rb, rs = rankdata(a), rankdata(b), rankdata(size)
-    if np.ptp(rs) == 0:
-        return _spearman(a, b)
-    X = np.column_stack([np.ones_like(rs), rs])
-    res = [r - X @ np.linalg.lstsq(X, r, rcond=None)[0] for r in (ra, rb)]
-    den = np.linalg.norm(res[0]) * np.linalg.norm(res[1])
-    return float(res[0] @ res[1] / den) if den > 0 else 0.0
+_spearman = spearman  # the shared metrics of benchmarks/_common.py
 
 
 def score(S, est, est_all, truth, f_obs_all, fit, ev) -> dict:

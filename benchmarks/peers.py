@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _common import write_results  # noqa: E402
+from _common import partial_spearman, spearman, write_results  # noqa: E402
 from _peers_classics import PeakRSS, grad_cos_affinity, gradex_default, kernelsm, watched_run  # noqa: E402
 from _peers_problems import PROBLEMS, load_problem  # noqa: E402
 
@@ -65,26 +65,7 @@ BUDGETS = {
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = spearmanr(a, b).correlation
-    return float(r) if np.isfinite(r) else 0.0
-
-
-def partial_spearman(a, b, size) -> float:
-    """Rank correlation of a and b with the subset size partialled out (as gradex_fidelity.py)."""
-    from scipy.stats import rankdata
-
-    ra, rb, rs = rankdata(a), rankdata(b), rankdata(size)
-    if np.ptp(rs) == 0:
-        return _spearman(a, b)
-    X = np.column_stack([np.ones_like(rs), rs])
-    res = [r - X @ np.linalg.lstsq(X, r, rcond=None)[0] for r in (ra, rb)]
-    den = np.linalg.norm(res[0]) * np.linalg.norm(res[1])
-    return float(res[0] @ res[1] / den) if den > 0 else 0.0
+_spearman = spearman  # the shared metrics of benchmarks/_common.py
 
 
 def score_prediction(p, pred, loo_pred=None) -> dict:

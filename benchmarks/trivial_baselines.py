@@ -24,9 +24,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from scipy.stats import rankdata, spearmanr  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
-from benchmarks._common import RESULTS, write_results  # noqa: E402
+from benchmarks._common import RESULTS, partial_spearman, write_results  # noqa: E402
 
 
 def spearman(a, b):
@@ -34,15 +34,6 @@ def spearman(a, b):
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return None  # a constant ranking has no rank correlation
     return float(spearmanr(a, b).correlation)
-
-
-def within_size(a, b, size):
-    """Spearman with the subset size partialled out of both rankings (None when undefined)."""
-    ra, rb, rs = rankdata(a), rankdata(b), rankdata(size)
-    X = np.column_stack([np.ones_like(rs), rs]) if np.ptp(rs) > 0 else np.ones((len(rs), 1))
-    res = [r - X @ np.linalg.lstsq(X, r, rcond=None)[0] for r in (ra, rb)]
-    den = np.linalg.norm(res[0]) * np.linalg.norm(res[1])
-    return float(res[0] @ res[1] / den) if den > 1e-12 else None
 
 
 def _mean_std(values):
@@ -65,7 +56,7 @@ def modular() -> dict:
                 size = S.sum(1)
                 cells["minus_size"].append(spearman(real, -size))
                 cells["gradex"].append(spearman(real, est))
-                cells["gradex_within_size"].append(within_size(real, est, size))
+                cells["gradex_within_size"].append(partial_spearman(real, est, size))
                 cells["size_range"].append([int(size.min()), int(size.max())])
             rows[name] = {k: (_mean_std(v) if k != "size_range" else v) for k, v in cells.items()}
         out[op] = rows

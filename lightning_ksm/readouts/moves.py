@@ -110,18 +110,19 @@ class MoveScorer:
         ``build(idx) -> masks`` for the moves at flat indices ``idx``."""
         inside, outside = np.flatnonzero(mask), np.flatnonzero(~mask)
         dot = self.X @ np.asarray(mask, dtype=np.float64)
+        H = self._hamming(mask) if check and self.support.mode == "distance" else None
         vals, oks, kinds = [], [], []
         if len(inside) and len(outside):
             vals.append(self.swaps(mask, inside, outside, dot).ravel())
-            oks.append(self.swaps_valid(mask, inside, outside).ravel() if check else None)
+            oks.append(self.swaps_valid(mask, inside, outside, H).ravel() if check else None)
             kinds.append(("swap", len(vals[-1])))
         if allow_resize and len(outside):
             vals.append(self.flips(mask, outside, True, dot))
-            oks.append(self.flips_valid(mask, outside, True) if check else None)
+            oks.append(self.flips_valid(mask, outside, True, H) if check else None)
             kinds.append(("add", len(outside)))
         if allow_resize and len(inside) > 1:
             vals.append(self.flips(mask, inside, False, dot))
-            oks.append(self.flips_valid(mask, inside, False) if check else None)
+            oks.append(self.flips_valid(mask, inside, False, H) if check else None)
             kinds.append(("drop", len(inside)))
         if not vals:
             return np.zeros(0), (np.zeros(0, bool) if check else None), lambda idx: np.zeros((0, len(mask)), bool)
@@ -149,8 +150,14 @@ class MoveScorer:
         s = self.support
         return s.mode == "none" or s.min_size <= size <= s.max_size
 
-    def swaps_valid(self, mask: np.ndarray, inside: np.ndarray, outside: np.ndarray) -> np.ndarray:
-        """Which swaps stay inside the support (same rule as :meth:`Support.contains`)."""
+    def _hamming(self, mask: np.ndarray) -> np.ndarray:
+        """Hamming distance of ``mask`` to each distinct training subset of the support."""
+        m = np.asarray(mask, dtype=np.float64)
+        return self.s_norms + m.sum() - 2.0 * (self.SX @ m)
+
+    def swaps_valid(self, mask: np.ndarray, inside: np.ndarray, outside: np.ndarray, H=None) -> np.ndarray:
+        """Which swaps stay inside the support (same rule as :meth:`Support.contains`); ``H``:
+        :meth:`_hamming` of ``mask`` when already computed."""
         shape = (len(inside), len(outside))
         s = self.support
         if s.mode == "none":
@@ -159,8 +166,7 @@ class MoveScorer:
             return np.zeros(shape, dtype=bool)
         if s.mode == "size":
             return np.ones(shape, dtype=bool)
-        m = np.asarray(mask, dtype=np.float64)
-        H = self.s_norms + m.sum() - 2.0 * (self.SX @ m)  # Hamming distance to each training subset
+        H = self._hamming(mask) if H is None else H
         r = s.radius
         # a swap changes H by 2 (X_i - X_o), one of -2, 0, +2
         if np.any(H + 2 <= r):
@@ -177,7 +183,7 @@ class MoveScorer:
             ok |= ((1.0 - X[:, inside]).T @ X[:, outside]) > 0.5
         return ok
 
-    def flips_valid(self, mask: np.ndarray, idx: np.ndarray, add: bool) -> np.ndarray:
+    def flips_valid(self, mask: np.ndarray, idx: np.ndarray, add: bool, H=None) -> np.ndarray:
         s = self.support
         size = int(np.sum(mask)) + (1 if add else -1)
         if s.mode == "none":
@@ -186,8 +192,7 @@ class MoveScorer:
             return np.zeros(len(idx), dtype=bool)
         if s.mode == "size":
             return np.ones(len(idx), dtype=bool)
-        m = np.asarray(mask, dtype=np.float64)
-        H = self.s_norms + m.sum() - 2.0 * (self.SX @ m)
+        H = self._hamming(mask) if H is None else H
         X = self.SX[:, idx]  # adding j: H + 1 - 2 X_j; dropping i: H - 1 + 2 X_i
         H2 = H[:, None] + (1.0 - 2.0 * X if add else 2.0 * X - 1.0)
         return H2.min(axis=0) <= s.radius

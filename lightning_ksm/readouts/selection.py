@@ -167,15 +167,7 @@ def best_subset(
     elif MoveScorer.applies(surrogate):  # the same search, moves scored incrementally (moves.py)
         rng = np.random.default_rng(seed)
         scorer = MoveScorer(surrogate, col, sup)
-        starts = [_greedy_fast(scorer, K, size, floor, good, anywhere)]
-        train = sup.X if size is None else sup.X[sup.X.sum(axis=1) == size]
-        if len(train):
-            starts.append(train[int(np.argmin(raw(train)))])
-        for _ in range(n_restarts):
-            r = size if size is not None else int(rng.integers(sup.min_size, sup.max_size + 1))
-            m = np.zeros(K, dtype=bool)
-            m[rng.choice(K, size=r, replace=False)] = True
-            starts.append(m)
+        starts = _starts(_greedy_fast(scorer, K, size, floor, good, anywhere), raw, sup, K, size, n_restarts, rng)
         for start in starts:
             n_eval += _search_fast(scorer, start, allow_resize=size is None, floor=floor, good=good, anywhere=anywhere)
         n_eval += _search_fast(scorer, _greedy_fast(scorer, K, size, floor, None, None), allow_resize=size is None,
@@ -190,15 +182,7 @@ def best_subset(
             anywhere.add(masks, vals)
             return np.where(ok, vals, np.inf), vals
 
-        starts = [_greedy(lambda m: penalised(m)[0], K, size)]
-        train = sup.X if size is None else sup.X[sup.X.sum(axis=1) == size]
-        if len(train):
-            starts.append(train[int(np.argmin(raw(train)))])
-        for _ in range(n_restarts):
-            r = size if size is not None else int(rng.integers(sup.min_size, sup.max_size + 1))
-            m = np.zeros(K, dtype=bool)
-            m[rng.choice(K, size=r, replace=False)] = True
-            starts.append(m)
+        starts = _starts(_greedy(lambda m: penalised(m)[0], K, size), raw, sup, K, size, n_restarts, rng)
         for start in starts:
             n_eval += _local_search(penalised, start, allow_resize=size is None)
         # the unconstrained optimum, only to tell whether the search wanted to leave the support
@@ -217,6 +201,21 @@ def best_subset(
         outside = (best_any[0][0], float(best_any[0][1]))
     return BestSubset(mask, float(val), exact, col, int(n_eval), [(m, float(v)) for m, v in found], outside,
                       described)
+
+
+def _starts(greedy_start, raw, sup: Support, K: int, size, n_restarts: int, rng) -> list:
+    """The local search's starting subsets: the greedy one, the best training subset (of the
+    requested size), and ``n_restarts`` seeded random ones inside the support's size range."""
+    starts = [greedy_start]
+    train = sup.X if size is None else sup.X[sup.X.sum(axis=1) == size]
+    if len(train):
+        starts.append(train[int(np.argmin(raw(train)))])
+    for _ in range(n_restarts):
+        r = size if size is not None else int(rng.integers(sup.min_size, sup.max_size + 1))
+        m = np.zeros(K, dtype=bool)
+        m[rng.choice(K, size=r, replace=False)] = True
+        starts.append(m)
+    return starts
 
 
 def _record(top, values: np.ndarray, build) -> None:
