@@ -5,7 +5,7 @@ A move changes one or two coordinates of a 0/1 subset, so every quantity the ker
 product and the Hamming distance to each training subset) changes by +-1 per training subset. The
 scorer keeps those per-training-subset numbers for the current subset and scores all moves from
 them: O(moves x m) work instead of the O(moves x m x K) of building each candidate and calling
-``predict``, which made the search cost grow as K^3 (K = 80 tasks: 400 s for the best subsets alone).
+``predict``, which made the search cost grow as K^3 (benchmarks/task_scaling.py compares both).
 The values are the surrogate's own predictions (tests compare them with ``predict``), and the
 support check is the same Hamming-distance rule as :class:`~.support.Support`.
 """
