@@ -29,6 +29,7 @@ writes ``benchmarks/results/gradex_fidelity.json``; ``--tables`` prints the docs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,10 +48,10 @@ from _common import partial_spearman, spearman, write_results  # noqa: E402
 from _fidelity_project import HARMFUL, HELPFUL, project_truth  # noqa: E402
 from _fidelity_truth import modular_truth, subset_key  # noqa: E402
 
-from lightning_ksm.config import AnalysisConfig  # noqa: E402
+from lightning_ksm.config import AnalysisConfig, HarvestConfig  # noqa: E402
 from lightning_ksm.estimation import estimate_subsets, gradex, simulate  # noqa: E402
 from lightning_ksm.features import HarvestedFeatures  # noqa: E402
-from lightning_ksm.harvesting import harvest, projector_for_model  # noqa: E402
+from lightning_ksm.harvesting import exact_readout, harvest, projector_for_model  # noqa: E402
 from lightning_ksm.quality import heldout_scores  # noqa: E402
 from lightning_ksm.surrogates import KernelSurrogate  # noqa: E402
 from recipes import modular_arithmetic as ma  # noqa: E402
@@ -139,6 +140,24 @@ def harvest_cached(path, model, batches_fn, *, projection, k, seed, mode, scale=
     return feats, seconds
 
 
+def readout_cached(path, model, source_batches, target_batches, scale):
+    """The exact target readout of the source samples (preconditioned by ``scale``), cached."""
+    if os.path.exists(path):
+        z = np.load(path)
+        return z["readout"], [str(c) for c in z["columns"]], float(z["seconds"])
+    t = time.perf_counter()
+    r, cols = exact_readout(model, source_batches, target_batches, mode="margin", scale=scale)
+    seconds = time.perf_counter() - t
+    np.savez(path + ".tmp.npz", readout=r, columns=np.array(cols), seconds=seconds)
+    os.replace(path + ".tmp.npz", path)
+    return r, cols, seconds
+
+
+def with_readout(feats: HarvestedFeatures, readout, columns) -> HarvestedFeatures:
+    """Preconditioned source features as the callback stores them: with the exact readout."""
+    return dataclasses.replace(feats, readout=readout, readout_columns=list(columns), preconditioned=True)
+
+
 def _order(feats: HarvestedFeatures, names: list) -> np.ndarray:
     return np.array([names.index(str(n)) for n in feats.task_names])
 
@@ -212,7 +231,8 @@ class _Rows(dict):
         self[name] = _cached(os.path.join(self.directory, name + ".json"), compute)
 
 
-def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam, fit, truth, cache_dir):
+def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam, fit, truth, cache_dir,
+                   readout=None, callback_default=None):
     """Every estimator's F^ on the design rows (+ the all-tasks row last); returns {name: (F^, s)}."""
     SA = _with_all(S)[:, cols]
     rows = _Rows(cache_dir)
@@ -256,8 +276,17 @@ def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam
             return best_est, time.perf_counter() - t0, {"lr_scale": best, "tuned_on": "tuning half",
                                                         "tuning_spearman": best_r}
         rows.lazy("simulate_precond_tuned", tuned)
+    if readout is not None:  # the exact target readout on the preconditioned features (issue #10)
+        r_src = [with_readout(f, *readout) for f in pre_src]
+        r_tgt = [dataclasses.replace(f, preconditioned=True) for f in pre_tgt]
+        rows.lazy("simulate_readout", timed(lambda: col(simulate(r_src[0], r_tgt[0], SA, run))))
+        rows.lazy("simulate_readout_effect", timed(lambda: col(simulate(r_src[0], r_tgt[0], SA, run,
+                                                                        calibrate="effect"))))
+        rows.lazy("simulate_readout_draws", timed(lambda: np.mean(
+            [col(simulate(s, t, SA, run, calibrate="effect")) for s, t in zip(r_src, r_tgt)], 0)))
     cfg = AnalysisConfig()
-    rows.lazy("default", timed(lambda: col(estimate_subsets(src_draws[0], tgt_draws[0], SA, cfg, run=run))))
+    if callback_default is not None:  # the callback's defaults: its k, its features, AnalysisConfig()
+        rows.lazy("default", timed(lambda: col(estimate_subsets(*callback_default, SA, cfg, run=run))))
     return rows
 
 
@@ -287,7 +316,8 @@ def modular_run_record(cfg, n_train, obs) -> dict:
                           "weight_decay": cfg.finetune_weight_decay},
             "steps": cfg.finetune_steps, "epoch_based": False, "max_steps": cfg.finetune_steps,
             "batch_size": cfg.finetune_batch, "accumulate_grad_batches": 1, "n_train_samples": n_train,
-            "final_loss": obs["losses"]["all"], "displacement": obs["displacement"], "lr_schedule": None}
+            "final_loss": obs["losses"]["all"], "final_losses": {"all": obs["losses"]["all"]},
+            "displacement": obs["displacement"], "lr_schedule": None}
 
 
 def modular_one(cfg, op, seed, args, log):
@@ -331,11 +361,24 @@ def modular_one(cfg, op, seed, args, log):
                                   projection="sjlt", k=k, seed=d, mode="margin", scale=scale, task_names=names)
             lst.append(f)
             psec += s if d == 0 else 0.0
-    log(f"[{op} seed {seed}] features ready (harvest {hsec:.0f}s, preconditioned {psec:.0f}s)")
+    def plain(split):
+        return [(x, y, g) for x, y, g in batches(split)()]
+    r, rcols, rsec = readout_cached(os.path.join(fdir, "readout-pre.npz"), model, plain("source"), plain("target"),
+                                    scale)
+    k0 = HarvestConfig().proj_dim  # what the callback harvests by default
+    cb = []
+    for split in ("source", "target"):
+        f, s_ = harvest_cached(os.path.join(fdir, f"{split}-sjlt{k0}-pre-d0.npz"), model, batches(split),
+                               projection="sjlt", k=k0, seed=0, mode="margin", scale=scale, task_names=names)
+        cb.append(f)
+        dsec = s_ if split == "source" else dsec + s_
+    callback_default = (with_readout(cb[0], r, rcols), dataclasses.replace(cb[1], preconditioned=True))
+    log(f"[{op} seed {seed}] features ready (harvest {hsec:.0f}s, preconditioned {psec:.0f}s, readout {rsec:.0f}s)")
     cols = _order(src[0], names)
     run = modular_run_record(cfg, len(data.train), obs)
     rows = run_estimators(S, src, tgt, pre_src, pre_tgt, run, cols, cfg.lam, fit, truth,
-                          os.path.join(tr["run_dir"], "estimates"))
+                          os.path.join(tr["run_dir"], "estimates"), readout=(r, rcols),
+                          callback_default=callback_default)
     # oracle rows: the real dW through the first-order model (exact, and projected targets)
     projectors, tfeats = {}, {}
     for kk in args.oracle_k:
@@ -360,6 +403,12 @@ def modular_one(cfg, op, seed, args, log):
     for name in ("simulate_precond", "simulate_precond_draws", "simulate_precond_calibrated", "simulate_precond_tuned"):
         if name in scores:
             scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec
+    for name in ("simulate_readout", "simulate_readout_effect", "simulate_readout_draws"):
+        if name in scores:
+            scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec + rsec
+    if "default" in scores:
+        scores["default"]["seconds_with_harvest"] = scores["default"]["seconds"] + dsec + rsec
+        scores["default"]["features"] = f"the callback's defaults: sjlt k = {k0}, preconditioned, exact readout"
     retrain_s = float(np.sum(tr["reals"][0].seconds))
     surrogate_on_real = None
     if len(F_seeds) > 1:  # a surrogate fitted on real runs: scored on the same batch stream, and on another
@@ -378,6 +427,7 @@ def modular_one(cfg, op, seed, args, log):
         "observed_all_tasks": {"loss": obs["losses"]["all"], "displacement": obs["displacement"],
                                "seconds": obs["seconds"]},
         "seconds_real_retraining_one_seed": retrain_s, "seconds_harvest": hsec, "seconds_harvest_preconditioned": psec,
+        "seconds_readout": rsec, "seconds_harvest_callback_default": dsec,
         "pretrain_seconds": tr["pretrain_seconds"], "run_record": run, "estimators": scores,
         "f_real_mean_seeds": truth.tolist(), "estimates": {n: np.asarray(v[0]).tolist() for n, v in rows.items()},
     }
@@ -408,7 +458,7 @@ def project_one(seed, args, log):
     scale = preconditioner_scale(v, steps, 0.999, 1e-8)
     run = {"optimizer": {"type": "Adam", "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
            "steps": steps, "epochs": 5, "epoch_based": True, "batch_size": 64, "accumulate_grad_batches": 1,
-           "final_loss": obs_loss, "lr_schedule": None}
+           "final_loss": obs_loss, "final_losses": {"all": obs_loss, "target": obs_loss}, "lr_schedule": None}
     fdir = os.path.join(ROOT, "project", f"seed{seed}", "features")
     os.makedirs(fdir, exist_ok=True)
     names = prob.task_names
@@ -459,8 +509,16 @@ def project_one(seed, args, log):
     add("simulate_precond_calibrated",
         lambda: simulate(*feats["sjlt256-margin-pre"], SA, run, adam_as="preconditioned", calibrate="loss"),
         "sjlt256-margin-pre")
-    add("default", lambda: estimate_subsets(*feats["sjlt256-margin"], SA, AnalysisConfig(), run=run),
-        "sjlt256-margin")
+    r, rcols, rsec = readout_cached(
+        os.path.join(fdir, "readout-pre.npz"), model, [(x, y, t) for x, y, t in batches("source")()],
+        [(x, y, t) for x, y, t in batches("target")()], scale)
+    hsec["readout"] = hsec["sjlt256-margin-pre"] + rsec
+    r_src = with_readout(feats["sjlt256-margin-pre"][0], r, rcols)
+    r_tgt = dataclasses.replace(feats["sjlt256-margin-pre"][1], preconditioned=True)
+    add("simulate_readout", lambda: simulate(r_src, r_tgt, SA, run), "readout")
+    add("simulate_readout_effect", lambda: simulate(r_src, r_tgt, SA, run, calibrate="effect"), "readout")
+    # the callback's defaults (sjlt k = 256, preconditioned, exact readout, AnalysisConfig())
+    add("default", lambda: estimate_subsets(r_src, r_tgt, SA, AnalysisConfig(), run=run), "readout")
     scores = {}
     size = S.sum(1).astype(float)
     scores["minus_size"] = score(S, -size, -float(K), truth, obs_loss, fit, ev)
@@ -558,6 +616,7 @@ def main(argv=None):
     ap.add_argument("--oracle-factorized-k", type=int, nargs="*", default=[256, 1024],
                     help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
+    ap.add_argument("--project-seeds", type=int, default=2, help="seeds of the project-like problem")
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     ap.add_argument("--tables", metavar="RESULTS_JSON")
     args = ap.parse_args(argv)
@@ -571,7 +630,7 @@ def main(argv=None):
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     cfg = replace(ma.FULL, n_subsets=args.subsets)
-    runs = {"project": [project_one(0, args, log)]}
+    runs = {"project": [project_one(seed, args, log) for seed in range(args.project_seeds)]}
     for seed in range(args.seeds):
         for op in args.ops:
             runs.setdefault(f"modular_{op}", []).append(modular_one(cfg, op, seed, args, log))

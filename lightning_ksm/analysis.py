@@ -7,6 +7,8 @@ never the model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import time
@@ -75,6 +77,9 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     extra = dict(extra_config or {})
     fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss,
                  "estimator": result.extras["estimator"]}
+    for key in ("adam_as", "calibrate", "exact_readout", "effect_scale"):  # how F^ was made (simulate)
+        if key in result.extras:
+            fit_extra[f"gradex_{key}"] = result.extras[key]
     return report_from_losses(
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
         timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0, progress=progress,
@@ -206,10 +211,8 @@ def present_tasks_only(features: HarvestedFeatures) -> HarvestedFeatures:
         return features
     remap = np.full(len(features.task_names), -1, dtype=np.int64)
     remap[present] = np.arange(len(present))
-    return HarvestedFeatures(
-        outputs=features.outputs, jacobians=features.jacobians, labels=features.labels,
-        task_ids=remap[np.asarray(features.task_ids)], task_names=[features.task_names[i] for i in present],
-        mode=features.mode,
+    return dataclasses.replace(
+        features, task_ids=remap[np.asarray(features.task_ids)], task_names=[features.task_names[i] for i in present],
     )
 
 

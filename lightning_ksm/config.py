@@ -37,6 +37,8 @@ __all__ = [
     "KERNELS",
     "ESTIMATORS",
     "SIMULATE_ADAM",
+    "PRECONDITIONS",
+    "CALIBRATIONS",
     "JACOBIAN_DTYPES",
     "SUPPORT_MODES",
     "SELECTIONS",
@@ -48,7 +50,9 @@ LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 ESTIMATORS = ("auto", "simulate", "proximal")
-SIMULATE_ADAM = ("adam", "preconditioned")
+SIMULATE_ADAM = ("auto", "adam", "preconditioned")
+PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
+CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
 JACOBIAN_DTYPES = ("float32", "float16")
 SUPPORT_MODES = ("distance", "size", "none")  # where subset searches may go (readouts/support.py)
 SELECTIONS = ("lds", "mse")  # how the kernel surrogate's gamma and alpha are chosen (surrogates.py)
@@ -206,6 +210,15 @@ class HarvestConfig(_Settings):
         None, "samples per stored shard; None: each dataloader's batch size", int_at_least(1, optional=True))
     jacobian_dtype: str = setting("float32", "dtype of the projected Jacobians on disk", one_of(JACOBIAN_DTYPES),
                                   choices=JACOBIAN_DTYPES)
+    precondition: str = setting(
+        "auto", "auto: with an Adam-type optimizer, scale the gradients by its second moments (at harvest "
+        "time) before the projection, so GradEx simulates the run's preconditioned steps; none: plain "
+        "gradients; the factorized projection is never preconditioned (docs/gradex.md)",
+        one_of(PRECONDITIONS), choices=PRECONDITIONS)
+    exact_readout: int = setting(
+        8, "target columns whose loss change GradEx reads exactly, without the projection: one "
+        "forward-mode pass over the source data per column (target groups, then 'all'; with more "
+        "groups than this, only 'all'); 0: off (docs/gradex.md)", int_at_least(0))
 
     def validate(self) -> None:
         """Check every setting; raises ValueError naming the first bad one."""
@@ -249,9 +262,15 @@ class AnalysisConfig(_Settings):
         "when the run was recorded, e.g. by the callback, else proximal); docs/gradex.md",
         one_of(ESTIMATORS), choices=ESTIMATORS)
     simulate_adam: str = setting(
-        "adam", "with estimator=simulate, what an Adam-type optimizer becomes on the projected "
-        "parameters: adam (coordinate-wise on z) or preconditioned (first-moment descent, for "
-        "features harvested with the run's second moments)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
+        "auto", "with estimator=simulate, what an Adam-type optimizer becomes on the projected "
+        "parameters: adam (coordinate-wise on z), preconditioned (first-moment descent, for "
+        "features harvested with the run's second moments), auto (preconditioned when the features "
+        "are, else adam)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
+    calibrate: str = setting(
+        "effect", "with estimator=simulate, the free constant taken from the observed all-tasks run: "
+        "effect (scale every estimated change from W0 so the all-tasks estimate matches the observed "
+        "all-tasks loss; rankings unchanged), loss (scale the learning rate to match it; changes "
+        "rankings, measured worse), none", one_of(CALIBRATIONS), choices=CALIBRATIONS)
     lam: float = setting(1e-3, "ridge strength of the linearized fine-tuning problem (docs/gradex.md)",
                          positive_number())
     loss: Optional[str] = setting(None, "GradEx loss; None: chosen from the harvest's output mode",

@@ -8,7 +8,11 @@ A harvest at the snapshot weights W0 yields, for every sample i:
   parameters: shape ``(k,)`` for scalar outputs, ``(C, k)`` for logits;
 - ``labels[i]``: the label (class index for ``logits``; 1.0 for ``margin``; a float target for
   ``regression``; a {0, 1} label for binary ``logistic``);
-- ``task_ids[i]``: the integer index of the sample's task in ``task_names``.
+- ``task_ids[i]``: the integer index of the sample's task in ``task_names``;
+- optionally (source split) ``readout[i]``: ``(C, T)``, the sample's output moved along each
+  target column's loss gradient at W0, exactly (``readout_columns`` names the T columns; see
+  :mod:`lightning_ksm.harvesting.readout`); ``preconditioned``: the gradients were scaled by the
+  watched optimizer's second moments before the projection.
 
 Arrays are numpy (possibly memory-mapped from the on-disk store); GradEx moves them to torch.
 """
@@ -37,9 +41,18 @@ class HarvestedFeatures:
     task_ids: np.ndarray
     task_names: list = field(default_factory=list)
     mode: str = "margin"
+    readout: np.ndarray | None = None
+    readout_columns: list = field(default_factory=list)
+    preconditioned: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
+        if self.readout is not None and (len(self.readout) != n or self.readout.ndim != 3
+                                         or self.readout.shape[2] != len(self.readout_columns)):
+            raise ValueError(
+                f"HarvestedFeatures.readout must have shape (n, C, T) with n = {n} and T = "
+                f"len(readout_columns) = {len(self.readout_columns)}, got {self.readout.shape}"
+            )
         for name in ("outputs", "jacobians", "labels"):
             arr = getattr(self, name)
             if len(arr) != n:
@@ -82,4 +95,7 @@ class HarvestedFeatures:
             task_ids=np.asarray(self.task_ids[index]),
             task_names=list(self.task_names),
             mode=self.mode,
+            readout=None if self.readout is None else np.asarray(self.readout[index]),
+            readout_columns=list(self.readout_columns),
+            preconditioned=self.preconditioned,
         )

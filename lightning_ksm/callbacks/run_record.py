@@ -128,9 +128,29 @@ def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode
                 n_total += len(losses)
     finally:
         module.train(was_training)
-    out = {key: sums[key] / counts[key] for key in sums}
-    out["all"] = total / max(n_total, 1)
-    return out
+    sums["all"], counts["all"] = total, n_total
+    return _means(*_across_ranks(sums, counts))
+
+
+def _across_ranks(sums: dict, counts: dict):
+    """Sums and counts added over the DDP ranks (each may have read its own share of the data)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums, counts
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (sums, counts))
+    total_s: dict = {}
+    total_c: dict = {}
+    for s, c in parts:
+        for key in s:
+            total_s[key] = total_s.get(key, 0.0) + s[key]
+            total_c[key] = total_c.get(key, 0) + c[key]
+    return total_s, total_c
+
+
+def _means(sums: dict, counts: dict) -> dict:
+    return {key: sums[key] / max(counts[key], 1) for key in sums}
 
 
 class RunRecorder:

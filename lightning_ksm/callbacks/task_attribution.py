@@ -31,6 +31,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from ..config import AnalysisConfig, HarvestConfig
 from ..harvesting.batches import BatchReader
 from ..harvesting.params import select_parameters
+from ..harvesting.readout import adam_preconditioner
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
 from .inputs import callback_warnings, check_data, named_plan
@@ -116,6 +117,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
         chunk_size: Optional[int] = None,
         harvest_batch_size: Optional[int] = None,
         jacobian_dtype: Optional[str] = None,
+        precondition: Optional[str] = None,
+        exact_readout: Optional[int] = None,
         # flat analysis settings (AnalysisConfig)
         n_subsets: Optional[int] = None,
         subset_p: Optional[float] = None,
@@ -123,6 +126,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         seed: Optional[int] = None,
         estimator: Optional[str] = None,
         simulate_adam: Optional[str] = None,
+        calibrate: Optional[str] = None,
         lam: Optional[float] = None,
         loss: Optional[str] = None,
         weighting: Optional[str] = None,
@@ -300,11 +304,12 @@ class TaskAttributionMixin(AttributionCallbackBase):
         """Progress bars only when asked for and the Trainer shows its own (enable_progress_bar)."""
         return bool(self.progress and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None))
 
-    def _runner(self, trainer, pl_module, weights=None) -> HarvestRunner:
+    def _runner(self, trainer, pl_module, weights=None, preconditioner=None) -> HarvestRunner:
         return HarvestRunner(
             pl_module, self.harvest_dir, config=self.harvest, reader=self.reader, weights=weights,
             forward_fn=self.forward_fn, rank=trainer.global_rank, world=trainer.world_size,
             progress=self._show_progress(trainer), meta={"w0_path": self.w0_path, "w0_sha256": self.w0_sha256},
+            preconditioner=preconditioner,
         )
 
     def _check_first_batches(self, trainer, pl_module) -> None:
@@ -322,7 +327,10 @@ class TaskAttributionMixin(AttributionCallbackBase):
     # -- harvest --------------------------------------------------------------------------------
     def _run_harvest(self, trainer, pl_module) -> None:
         start = time.perf_counter()
-        runner = self._runner(trainer, pl_module, weights=self._w0)
+        # the watched optimizer's second moments as they are now (after the first epoch, usually)
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        scale = adam_preconditioner(optimizer, dict(pl_module.named_parameters()))
+        runner = self._runner(trainer, pl_module, weights=self._w0, preconditioner=scale)
         if trainer.is_global_zero:
             runner.initialize_store()
         trainer.strategy.barrier("ksm_store_init")

@@ -82,6 +82,13 @@ class _Target:
     def predictions(self, Z: torch.Tensor) -> torch.Tensor:
         return (self.f0 + self.Jf @ Z).view(self.n, self.C, -1)
 
+    def linear_part(self, Z: torch.Tensor) -> torch.Tensor:
+        """``(T, m)``: the first-order change of each group's mean loss through the projected
+        features, ``gbar_proj . z`` (what an exact readout replaces)."""
+        g0, _ = self.loss.grad_and_curv(self.f0.view(self.n, self.C, 1), self.y)
+        moved = (self.Jf @ Z.to(self.Jf.dtype)).view(self.n, self.C, -1)
+        return self.avg @ (g0 * moved).sum(1)
+
     def evaluate(self, Z, want_accuracy, metric):
         P = self.predictions(Z)
         losses = (self.avg @ self.loss.value(P, self.y)).T.cpu().numpy()

@@ -35,13 +35,15 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
     """F^(s) for every subset with the estimator ``config`` selects (see :func:`resolve_estimator`).
 
     ``simulate`` runs the recorded optimizer on the linearized model (:func:`.simulate.simulate`,
-    the sample weighting of a run that draws batches from the union of the tasks' data);
+    the sample weighting of a run that draws batches from the union of the tasks' data; the exact
+    target readout where the features carry it; ``calibrate`` from the observed all-tasks run);
     ``proximal`` is GradEx's converged proximal solve (:func:`.estimate.gradex`, ``lam``,
     ``weighting``). The choice is recorded in ``result.extras["estimator"]``.
     """
     kind = resolve_estimator(config, run)
     if kind == "simulate":
-        result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam)
+        result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
+                          calibrate=config.calibrate)
     else:
         result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
                         progress=progress)

@@ -22,9 +22,20 @@ moment (the features then should have been harvested with the gradients divided 
 ``sqrt(sqrt(v) + eps)`` of the run's optimizer state, see docs/gradex.md) and runs the bias-corrected
 first-moment EMA as momentum gradient descent.
 
-``calibrate="loss"`` scales every learning rate by one constant chosen so that the simulated
-all-tasks run reproduces the observed all-tasks target loss (``run["final_loss"]``): a free
-ground-truth point of the watched run, never a subset's outcome.
+**Exact readout.** When the source features carry the exact target readout
+(:mod:`lightning_ksm.harvesting.readout`: ``c_i = J_i D gbar_j`` per sample and target column) and
+the simulated optimizer is linear in the gradients (SGD with momentum, or Adam as
+``"preconditioned"``), the first-order part of each target column's loss change is accumulated
+exactly along the trajectory (the same momentum filter, decay and learning rates, applied to
+``sum_i c_i g_i(t) w_i``), and only the rest (the curvature of the target loss) is read through the
+projected target features: ``F^_j = L_j(f0 + Phi z) - gbar_proj_j . z + gbar_j . dW``.
+
+``calibrate`` takes one free constant per target column from the observed all-tasks run (never from
+a subset's outcome): ``"effect"`` scales every estimated change from W0, ``F^_j(s) - F_j(W0)``, by
+the factor that makes the all-tasks estimate equal the observed all-tasks loss
+``run["final_losses"][column]`` (only when the estimate and the observation agree on the direction
+of the change; rankings are unchanged); ``"loss"`` instead scales every learning rate so that the
+simulated all-tasks run reaches ``run["final_loss"]`` (this changes the rankings, and measured worse).
 """
 
 from __future__ import annotations
@@ -35,16 +46,16 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from ..config import CALIBRATIONS, SIMULATE_ADAM
 from ..features import HarvestedFeatures
 from .checks import check_source_subsets, check_target
 from .estimate import GradExResult, _Target
-from .losses import default_loss
+from .losses import MODE_TO_LOSS, default_loss
 from .newton import LinearizedSource, subset_sample_weights
 
 __all__ = ["ADAM_AS", "CALIBRATIONS", "simulate", "subset_steps", "optimizer_spec"]
 
-ADAM_AS = ("adam", "preconditioned")
-CALIBRATIONS = ("none", "loss")
+ADAM_AS = SIMULATE_ADAM
 _ADAM_TYPES = ("adam", "adamw", "nadam", "radam", "adamax")
 
 
@@ -104,48 +115,72 @@ class _Source(LinearizedSource):
         super().__init__(feats, loss, device, dtype, len(feats.task_names))
         self.task_ids = np.asarray(feats.task_ids).astype(np.int64)
 
-    def gradient(self, Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        """``(k, m)``: gradient in z of each subset's weighted mean loss (weights W: ``(n, m)``)."""
+    def gradient(self, Z: torch.Tensor, W: torch.Tensor, weighted: bool = False):
+        """``(k, m)``: gradient in z of each subset's weighted mean loss (weights W: ``(n, m)``);
+        with ``weighted``, also the weighted output gradients ``(n, C, m)`` it is made of."""
         P = self.f0 + (self.Jf @ Z).view(self.n, self.C, -1)
         g, _ = self.loss.grad_and_curv(P, self.y)
-        return self.Jf.T @ (g * W[:, None, :]).reshape(self.n * self.C, -1)
+        gw = g * W[:, None, :]
+        out = self.Jf.T @ gw.reshape(self.n * self.C, -1)
+        return (out, gw) if weighted else out
 
 
-def _run(src: _Source, W: torch.Tensor, lrs: torch.Tensor, spec: dict, adam_as: str) -> torch.Tensor:
-    """The optimizer's trajectory on z for every subset (columns); returns the final ``(k, m)``."""
+def _run(src: _Source, W: torch.Tensor, lrs: torch.Tensor, spec: dict, adam_as: str,
+         readout: torch.Tensor | None = None):
+    """The optimizer's trajectory on z for every subset (columns); returns the final ``(k, m)`` and,
+    with ``readout`` (``(n, C, T)``), the exact first-order target change ``(T, m)`` along it.
+
+    The readout follows the optimizer's linear filter on the gradients, so it exists only for SGD
+    (momentum, Nesterov, weight decay on the weight change) and Adam as ``"preconditioned"``."""
     m = W.shape[1]
     Z = torch.zeros(src.k, m, dtype=W.dtype, device=W.device)
     buf = torch.zeros_like(Z)
     sq = torch.zeros_like(Z)
     wd = spec["weight_decay"]
     b1, b2 = spec["betas"]
+    T = 0 if readout is None else readout.shape[2]
+    R = torch.zeros(T, m, dtype=W.dtype, device=W.device)  # gbar_j . dW, per column and subset
+    rbuf = torch.zeros_like(R)
     for t in range(lrs.shape[0]):
         lr = lrs[t][None, :]
         active = (lr > 0).to(Z.dtype)
-        g = src.gradient(Z, W)
+        g, gw = src.gradient(Z, W, weighted=True)
+        q = torch.einsum("nct,ncm->tm", readout, gw) if T else R  # gbar_j . D (sum_i J_i^T g_i w_i)
         if spec["kind"] == "sgd":
             if wd:
                 g = g + wd * Z
+                q = q + wd * R if T else q
             if spec["momentum"]:
-                buf = torch.where(active > 0, buf * spec["momentum"] + (1 - spec["dampening"] if t else 1.0) * g, buf)
+                damp = (1 - spec["dampening"]) if t else 1.0
+                buf = torch.where(active > 0, buf * spec["momentum"] + damp * g, buf)
                 step = g + spec["momentum"] * buf if spec["nesterov"] else buf
+                if T:
+                    rbuf = torch.where(active > 0, rbuf * spec["momentum"] + damp * q, rbuf)
+                    rstep = q + spec["momentum"] * rbuf if spec["nesterov"] else rbuf
             else:
-                step = g
+                step, rstep = g, q
             Z = Z - lr * step
+            if T:
+                R = R - lr * rstep
             continue
         if wd and not spec["decoupled"]:
             g = g + wd * Z
+            q = q + wd * R if T else q
         if wd and spec["decoupled"]:
             Z = Z * (1 - lr * wd)
+            R = R * (1 - lr * wd)
         buf = torch.where(active > 0, b1 * buf + (1 - b1) * g, buf)
         c1 = 1 - b1 ** (t + 1)
         if adam_as == "preconditioned":
             Z = Z - lr * buf / c1
+            if T:
+                rbuf = torch.where(active > 0, b1 * rbuf + (1 - b1) * q, rbuf)
+                R = R - lr * rbuf / c1
             continue
         sq = torch.where(active > 0, b2 * sq + (1 - b2) * g * g, sq)
         c2 = 1 - b2 ** (t + 1)
         Z = Z - lr * (buf / c1) / (torch.sqrt(sq / c2) + spec["eps"])
-    return Z
+    return Z, R
 
 
 def simulate(
@@ -156,9 +191,10 @@ def simulate(
     *,
     loss: Optional[str] = None,
     weighting: str = "sample",
-    adam_as: str = "adam",
+    adam_as: str = "auto",
     calibrate: str = "none",
     lr_scale: float = 1.0,
+    use_readout: bool = True,
     batch_size: int = 64,
     device="cpu",
     dtype=torch.float64,
@@ -171,7 +207,9 @@ def simulate(
     ``epoch_based``, ``epochs``, ``batch_size``, ``accumulate_grad_batches`` and, for
     ``calibrate="loss"``, ``final_loss`` (the observed all-tasks target loss). ``weighting``:
     "sample" (default: a run that draws batches from the union of the tasks' data) or "task".
-    ``lr_scale`` multiplies every learning rate (after calibration). Returns a
+    ``lr_scale`` multiplies every learning rate (after calibration). ``calibrate="effect"`` needs
+    ``final_losses`` (the observed target loss of each column) or ``final_loss`` ("all").
+    ``use_readout``: use the source features' exact target readout where it applies. Returns a
     :class:`~lightning_ksm.estimation.estimate.GradExResult` (``lam`` is 0, ``n_iter`` the steps).
     """
     if adam_as not in ADAM_AS:
@@ -180,42 +218,100 @@ def simulate(
         raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
     if not isinstance(run, Mapping):
         raise TypeError(f"run must be a run record (a dict), got {type(run).__name__}")
+    if adam_as == "auto":
+        adam_as = "preconditioned" if source.preconditioned else "adam"
     loss = loss or default_loss(source.mode)
     check_target(source, target, loss, None)
     S, names = check_source_subsets(source, subsets, loss)
     spec = optimizer_spec(run)
     src = _Source(source, loss, device, dtype)
     tgt = _Target(target, loss, src.C, device, torch.float64)
-    n_s = S.astype(np.int64) @ src.counts
+    read = _readout_columns(source, tgt, loss, spec, adam_as) if use_readout else {}
+    readout = None
+    if read:
+        readout = torch.as_tensor(np.asarray(source.readout)[:, :, list(read.values())], device=device, dtype=dtype)
+    S_all = np.vstack([S, np.ones((1, S.shape[1]), dtype=bool)])  # + the all-tasks run (calibration)
+    n_s = S_all.astype(np.int64) @ src.counts
     steps = subset_steps(run, n_s)
-    A = subset_sample_weights(S, src.counts, weighting)  # (m, K)
+    A = subset_sample_weights(S_all, src.counts, weighting)  # (m + 1, K)
     tid = torch.as_tensor(src.task_ids, device=device)
+    cols = [tgt.names.index(c) for c in read]
+    linear_parts = []  # (exact, projected) first-order changes, per batch of subsets
 
-    def losses_for(rows: np.ndarray, scale: float) -> np.ndarray:
+    def losses_for(rows: np.ndarray, scale: float):
         W = torch.as_tensor(A[rows], device=device, dtype=dtype)[:, tid].T  # (n, m_b)
         lrs = torch.as_tensor(scale * _lr_table(run, spec, steps[rows]), device=device, dtype=dtype)
-        Z = _run(src, W, lrs, spec, adam_as).to(torch.float64)
-        return tgt.evaluate(Z, True, None)
+        Z, R = _run(src, W, lrs, spec, adam_as, readout)
+        Z = Z.to(torch.float64)
+        lo, acc, _ = tgt.evaluate(Z, True, None)
+        if cols:  # the first-order part read exactly instead of through the projection
+            lin = tgt.linear_part(Z)[cols]
+            lo[:, cols] += (R.to(torch.float64) - lin).T.cpu().numpy()
+            linear_parts.append((R.to(torch.float64).cpu().numpy(), lin.cpu().numpy()))
+        return lo, acc
 
     scale = float(lr_scale)
     if calibrate == "loss":
         scale *= _calibrated_scale(run, lambda c: _all_tasks_loss(S, src, run, spec, weighting, tgt, c,
                                                                   adam_as, device, dtype))
     parts_l, parts_a = [], []
-    for b0 in range(0, len(S), batch_size):
-        rows = np.arange(b0, min(len(S), b0 + batch_size))
-        lo, acc, _ = losses_for(rows, scale)
+    for b0 in range(0, len(S_all), batch_size):
+        rows = np.arange(b0, min(len(S_all), b0 + batch_size))
+        lo, acc = losses_for(rows, scale)
         parts_l.append(lo)
         parts_a.append(acc)
-    acc = None if parts_a[0] is None else np.concatenate(parts_a)
+    losses = np.concatenate(parts_l)
+    acc = None if parts_a[0] is None else np.concatenate(parts_a)[:-1]
+    effect = None
+    if calibrate == "effect":
+        losses, effect = _effect_calibrated(losses, tgt, run)
     m = len(S)
     return GradExResult(
-        losses=np.concatenate(parts_l), target_names=tgt.names, subsets=S.copy(),
-        converged=np.ones(m, dtype=bool), n_iter=steps, grad_norms=np.zeros(m), solution_norms=np.zeros(m),
+        losses=losses[:-1], target_names=tgt.names, subsets=S.copy(),
+        converged=np.ones(m, dtype=bool), n_iter=steps[:-1], grad_norms=np.zeros(m), solution_norms=np.zeros(m),
         loss=loss, weighting=weighting, lam=0.0, accuracy=acc,
         extras={"estimator": "simulate", "optimizer": spec, "adam_as": adam_as, "calibrate": calibrate,
-                "lr_scale": scale, "steps": {"min": int(steps.min()), "max": int(steps.max())}},
+                "lr_scale": scale, "steps": {"min": int(steps.min()), "max": int(steps.max())},
+                "exact_readout": list(read), "effect_scale": effect,
+                "readout_vs_projected": ({c: float(linear_parts[-1][0][i, -1] / linear_parts[-1][1][i, -1])
+                                          for i, c in enumerate(read)} if linear_parts else {}),
+                "all_tasks_estimate": dict(zip(tgt.names, losses[-1].tolist()))},
     )
+
+
+def _readout_columns(source: HarvestedFeatures, tgt: _Target, loss: str, spec: dict, adam_as: str) -> dict:
+    """``{column: position in source.readout}`` of the target columns read out exactly: the readout
+    was computed with the mode's own loss, and the simulated optimizer is linear in the gradients."""
+    if source.readout is None or MODE_TO_LOSS.get(source.mode) != loss:
+        return {}
+    if spec["kind"] != "sgd" and adam_as != "preconditioned":
+        return {}
+    if spec["kind"] != "sgd" and not source.preconditioned:
+        return {}
+    return {c: i for i, c in enumerate(source.readout_columns) if c in tgt.names}
+
+
+def _effect_calibrated(losses: np.ndarray, tgt: _Target, run: Mapping):
+    """Scale each column's change from W0 so that the all-tasks row (last) equals the observed loss.
+
+    Returns the losses and ``{column: factor}`` (None where it was not applied: no observation, or
+    estimate and observation disagree on the direction of the change)."""
+    observed = dict(run.get("final_losses") or {})
+    if "all" not in observed and run.get("final_loss") is not None:
+        observed["all"] = run["final_loss"]
+    base = tgt.evaluate(torch.zeros(tgt.Jf.shape[1], 1, dtype=tgt.Jf.dtype, device=tgt.Jf.device), False, None)[0][0]
+    out, factors = losses.copy(), {}
+    for j, name in enumerate(tgt.names):
+        obs = observed.get(name)
+        est = losses[-1, j] - base[j]
+        factor = None
+        if obs is not None and math.isfinite(float(obs)) and est != 0:
+            f = (float(obs) - base[j]) / est
+            factor = float(f) if math.isfinite(f) and f > 0 else None
+        if factor is not None:
+            out[:, j] = base[j] + factor * (losses[:, j] - base[j])
+        factors[name] = factor
+    return out, factors
 
 
 def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype) -> float:
@@ -224,7 +320,7 @@ def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, d
     W = torch.as_tensor(A, device=device, dtype=dtype)[:, torch.as_tensor(src.task_ids)].T
     steps = subset_steps(run, full.astype(np.int64) @ src.counts)
     lrs = torch.as_tensor(scale * _lr_table(run, spec, steps), device=device, dtype=dtype)
-    Z = _run(src, W, lrs, spec, adam_as).to(torch.float64)
+    Z = _run(src, W, lrs, spec, adam_as)[0].to(torch.float64)
     lo, _, _ = tgt.evaluate(Z, False, None)
     return float(lo[0, -1])
 

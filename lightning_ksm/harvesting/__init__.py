@@ -3,13 +3,16 @@
 Data flow: :mod:`.batches` (read a user's batches, walk loaders in rank-sharded chunks) ->
 :mod:`.params` (which parameters) -> :mod:`.engine` with :mod:`.outputs` and :mod:`.projection`
 (per-sample Jacobians, projected) -> :mod:`.harvest` (:class:`Harvester`, :func:`harvest`: features
-in memory) or :mod:`.runner` (:class:`HarvestRunner`: shards in a feature store, resumable).
+in memory) or :mod:`.runner` (:class:`HarvestRunner`: shards in a feature store, resumable);
+:mod:`.readout` adds the exact target readout to the source shards (GradEx's first-order target
+change without the projection) and the watched optimizer's preconditioner.
 """
 
 from .batches import BatchReader
 from .harvest import MODES, BatchFeatures, Harvester, exact_gradients, harvest
 from .params import projector_for_model, select_parameters
 from .projection import Projector, make_projector, projector_from_config
+from .readout import ReadoutBuilder, adam_preconditioner, exact_readout
 from .runner import HarvestRunner
 
 __all__ = [
@@ -25,4 +28,7 @@ __all__ = [
     "make_projector",
     "projector_from_config",
     "MODES",
+    "ReadoutBuilder",
+    "adam_preconditioner",
+    "exact_readout",
 ]

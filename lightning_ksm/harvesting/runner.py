@@ -21,7 +21,10 @@ runner's reader for that loader (e.g. a target loader read as one group, see
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -29,10 +32,14 @@ import torch
 from torch import nn
 
 from ..config import HarvestConfig
+from ..fileio import atomic_torch_save, torch_load_safe
 from ..store import FeatureStore
 from .batches import BatchReader, loader_chunks, take, to_device, tolist
 from .harvest import Harvester
 from .params import projector_for_model, select_parameters
+from .readout import READOUT_MODES, ReadoutBuilder
+
+PRECONDITIONER_FILE = "preconditioner.pt"  # in the store: a resumed harvest reuses the first one
 
 __all__ = ["HarvestRunner", "plan_entries", "expected_shards"]
 
@@ -82,8 +89,15 @@ class HarvestRunner:
         rank, world: this process's share of the chunks.
         progress: show a progress bar (shards).
         meta: extra JSON-able facts recorded in the store's manifest (e.g. the W0 path).
+        preconditioner: ``{name: 1 / sqrt(sqrt(v_hat) + eps)}`` from the watched Adam-type
+            optimizer (:func:`~lightning_ksm.harvesting.readout.adam_preconditioner`): gradients are
+            scaled by it before the projection (``config.precondition="auto"``, per-sample
+            projections only); the first harvest into a store keeps it there for a resume.
 
-    The parameter selection, the projector and the per-sample engine are set up once, here.
+    The parameter selection, the projector and the per-sample engine are set up once, here. With
+    ``config.exact_readout`` > 0 the source shards also carry the exact target readout
+    (:mod:`.readout`): the target loaders are read once more, whole, on every rank, before the first
+    source shard that is computed.
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class HarvestRunner:
         world: int = 1,
         progress: bool = False,
         meta: dict | None = None,
+        preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = HarvestConfig.coerce(config)
         self.config.validate()
@@ -115,6 +130,35 @@ class HarvestRunner:
         self.shards_skipped = 0
         self.completeness: dict | None = None  # the store's completeness after this rank's run
         self._harvester: Harvester | None = None
+        usable = self.config.precondition == "auto" and self.projector.kind != "factorized"
+        self._offered_scale = dict(preconditioner) if (preconditioner and usable) else None
+        self._scale_resolved = False
+        self._scale: dict | None = None
+
+    def preconditioner(self) -> dict | None:
+        """The gradient scale of this harvest: the one stored with the features if there is one
+        (a resumed harvest must scale like the first), else the offered one (then stored)."""
+        if self._scale_resolved:
+            return self._scale
+        path = os.path.join(self.store.directory, PRECONDITIONER_FILE)
+        if os.path.exists(path):
+            self._scale = torch_load_safe(path)
+        elif self._offered_scale is not None:
+            missing = [n for n in self.params if n not in self._offered_scale]
+            self._scale = None if missing else {n: self._offered_scale[n].detach().float().cpu() for n in self.params}
+            if self._scale is not None and self.rank == 0:
+                os.makedirs(self.store.directory, exist_ok=True)
+                atomic_torch_save(self._scale, path)
+        self._scale_resolved = True
+        return self._scale
+
+    def _projector(self):
+        scale = self.preconditioner()
+        if scale is None:
+            return self.projector
+        scaled, base = copy.copy(self.projector), self.projector.project
+        scaled.project = lambda grads: base({n: g * scale[n].to(g) for n, g in grads.items()})
+        return scaled
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +169,7 @@ class HarvestRunner:
         device = self.device
         if weights is not None:
             weights = {n: t.to(device) for n, t in weights.items()}
-        return Harvester(self.model, projector=self.projector, params=self.params, mode=self.config.output,
+        return Harvester(self.model, projector=self._projector(), params=self.params, mode=self.config.output,
                          weights=weights, forward_fn=self.forward_fn, chunk_size=self.config.chunk_size,
                          device=device)
 
@@ -158,7 +202,8 @@ class HarvestRunner:
         """Create (or check against) the store's manifest: projector, output mode, parameters."""
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in set(self.params)}
         self.store.initialize(projector_config=self.projector.config(), mode=self.config.output_name, params=shapes,
-                              meta={**self.meta, "projection_seed": self.config.proj_seed})
+                              meta={**self.meta, "projection_seed": self.config.proj_seed,
+                                    "preconditioned": self.preconditioner() is not None})
 
     def run(self, plan: Sequence[tuple]) -> dict:
         """Harvest this rank's chunks of every ``(split, loader)`` in ``plan`` that is not stored yet.
@@ -177,6 +222,7 @@ class HarvestRunner:
         self.store.register_plan(self.world, expected)
         filled: dict = {}
         offsets: dict = {}
+        readout = _LazyReadout(self, entries, harvester)
         bar = None
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -200,15 +246,16 @@ class HarvestRunner:
                         try:
                             batch = batch() if callable(batch) else batch
                             inputs, labels, task_ids = reader.read(batch)
-                            feats = harvester.batch((to_device(inputs, device), to_device(labels, device),
-                                                     tolist(task_ids)))
+                            inputs, labels = to_device(inputs, device), to_device(labels, device)
+                            feats = harvester.batch((inputs, labels, tolist(task_ids)))
+                            extra = readout.for_chunk(inputs, labels) if split == "source" and feats else {}
                         except (ValueError, TypeError) as exc:
                             raise type(exc)(_where(name, key, index, exc)) from exc
                         if feats is None:
                             continue
                         self.store.write_shard(
                             split, key, outputs=feats.outputs, jacobians=feats.jacobians, labels=feats.labels,
-                            task_ids=feats.task_ids, task_values=feats.task_values, sample_index=index,
+                            task_ids=feats.task_ids, task_values=feats.task_values, sample_index=index, **extra,
                         )
                         self.shards_computed += 1
                         if bar is not None:
@@ -235,3 +282,49 @@ class HarvestRunner:
                 "was written; harvest into a new directory (or pass overwrite=True to the callback)"
             )
         return True
+
+
+class _LazyReadout:
+    """The exact target readout of source chunks, set up at the first chunk that needs it: the
+    target loaders are read whole (every rank: the same directions without communication)."""
+
+    def __init__(self, runner: HarvestRunner, entries: list, harvester: Harvester):
+        self.runner, self.entries, self.harvester = runner, entries, harvester
+        self.builder: ReadoutBuilder | None = None
+        self.enabled = (runner.config.exact_readout > 0 and harvester.mode_name in READOUT_MODES
+                        and any(e[0] == "target" for e in entries) and any(e[0] == "source" for e in entries))
+
+    def for_chunk(self, inputs, labels) -> dict:
+        if not self.enabled:
+            return {}
+        if self.builder is None:
+            self.builder = self._build()
+        try:
+            readout = self.builder.source(inputs, labels)
+        except (NotImplementedError, RuntimeError) as exc:  # an op without forward-mode AD
+            warnings.warn(f"exact readout off for this harvest: the model's forward pass has no forward-mode "
+                          f"derivative ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); GradEx reads the "
+                          "target through the projection (e.g. attn_implementation='eager' for transformers "
+                          "models enables it)", stacklevel=2)
+            self.enabled = False
+            return {}
+        return {"readout": readout, "readout_columns": self.builder.columns}
+
+    def _build(self) -> ReadoutBuilder:
+        runner, device = self.runner, self.harvester.device
+        builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, runner.preconditioner())
+        for split, loader, name, reader in self.entries:
+            if split != "target":
+                continue
+            for key, index, batch in loader_chunks(loader, reader, batch_size=runner.config.harvest_batch_size):
+                try:
+                    batch = batch() if callable(batch) else batch
+                    inputs, labels, task_ids = reader.read(batch)
+                    if len(labels):
+                        builder.add_target(to_device(inputs, device), to_device(labels, device), tolist(task_ids))
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(_where(name, key, index, exc)) from exc
+        # columns in a fixed order (not the store's, which grows with the shards): a resumed harvest
+        # must name them like the first one did
+        builder.finish_targets(max_columns=runner.config.exact_readout)
+        return builder

@@ -206,6 +206,8 @@ class FeatureStore:
         task_ids: np.ndarray,
         task_values: Sequence | None = None,
         sample_index: np.ndarray | None = None,
+        readout: np.ndarray | None = None,
+        readout_columns: Sequence[str] | None = None,
         overwrite: bool = False,
     ) -> dict:
         """Write one shard atomically and register it in the manifest; returns its record.
@@ -213,6 +215,8 @@ class FeatureStore:
         ``task_ids`` are indices into ``task_values`` (the raw task ids of this shard); with
         ``task_values=None`` they are indices into the store's ``task_names``.
         ``sample_index`` is an optional per-sample global index used by ``load`` to de-duplicate.
+        ``readout``: optional ``(n, C, T)`` exact target readout (:mod:`lightning_ksm.harvesting.readout`)
+        of the T columns ``readout_columns``.
         """
         split = _check_split(split)
         key = shard_key(key)
@@ -267,6 +271,13 @@ class FeatureStore:
         }
         if sample_index is not None:
             arrays["index"] = sample_index
+        if readout is not None:
+            readout = np.asarray(readout, dtype=np.float64)
+            columns = [str(c) for c in (readout_columns or [])]
+            if readout.ndim != 3 or len(readout) != n or readout.shape[2] != len(columns):
+                raise ValueError(f"shard {key!r}: readout must have shape ({n}, C, {len(columns)}) for the columns "
+                                 f"{columns}, got {readout.shape}")
+            arrays["readout"] = readout
         if arrays["jacobians"].dtype == np.float16 and not np.isfinite(arrays["jacobians"]).all():
             if np.isfinite(jacobians).all():
                 raise ValueError(
@@ -297,6 +308,7 @@ class FeatureStore:
             "task_values": task_values,
             "has_index": sample_index is not None,
             "sha256": sums,
+            **({"readout_columns": [str(c) for c in readout_columns]} if readout is not None else {}),
         }
         with self._locked():
             # Re-read under the lock: other ranks may have added shards meanwhile.
@@ -430,6 +442,7 @@ class FeatureStore:
         jac = self._jacobians(split, shards, keep, total)
         if dtype is not None:
             jac = np.asarray(jac, dtype=dtype)
+        readout, columns = self._readout(split, shards, keep, verify)
         return HarvestedFeatures(
             outputs=cat["outputs"][keep],
             jacobians=jac,
@@ -437,7 +450,18 @@ class FeatureStore:
             task_ids=cat["task_ids"][keep],
             task_names=names,
             mode=data["mode"],
+            readout=readout,
+            readout_columns=columns,
+            preconditioned=bool((data.get("meta") or {}).get("preconditioned", False)),
         )
+
+    def _readout(self, split: str, shards: list, keep: np.ndarray, verify: bool):
+        """The exact target readout when every shard of the split has one with the same columns."""
+        columns = [s.get("readout_columns") for s in shards]
+        if not columns or columns[0] is None or any(c != columns[0] for c in columns):
+            return None, []
+        parts = [np.asarray(self._open(split, s, "readout", verify=verify)) for s in shards]
+        return np.concatenate(parts)[keep], list(columns[0])
 
     def load_index(self, split: str = "source", *, dedup: bool = True) -> np.ndarray | None:
         """The global sample index of each row ``load(split)`` returns (None if none was stored)."""
