@@ -39,6 +39,7 @@ __all__ = [
     "SIMULATE_ADAM",
     "PRECONDITIONS",
     "CALIBRATIONS",
+    "TARGET_READOUTS",
     "JACOBIAN_DTYPES",
     "SUPPORT_MODES",
     "SELECTIONS",
@@ -53,6 +54,7 @@ ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("auto", "adam", "preconditioned")
 PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
 CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
+TARGET_READOUTS = ("exact", "projected")  # how GradEx reads the target's first-order loss change
 JACOBIAN_DTYPES = ("float32", "float16")
 SUPPORT_MODES = ("distance", "size", "none")  # where subset searches may go (readouts/support.py)
 SELECTIONS = ("lds", "mse")  # how the kernel surrogate's gamma and alpha are chosen (surrogates.py)
@@ -266,6 +268,11 @@ class AnalysisConfig(_Settings):
         "parameters: adam (coordinate-wise on z), preconditioned (first-moment descent, for "
         "features harvested with the run's second moments), auto (preconditioned when the features "
         "are, else adam)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
+    target_readout: str = setting(
+        "exact", "with estimator=simulate, how the target loss's first-order change is read: exact (the "
+        "harvest's exact readout, where it has one: measured better on gentle fine-tuning, worse on long "
+        "strong runs, docs/gradex.md) or projected (through the projected target features)",
+        one_of(TARGET_READOUTS), choices=TARGET_READOUTS)
     calibrate: str = setting(
         "effect", "with estimator=simulate, the free constant taken from the observed all-tasks run: "
         "effect (scale every estimated change from W0 so the all-tasks estimate matches the observed "

@@ -239,3 +239,37 @@ def test_batchnorm_uses_the_snapshot_statistics_not_the_live_ones():
     reference = TinyConv().double()
     reference.load_state_dict(w0)
     np.testing.assert_allclose(fast, _exact_then_project(reference, x, y, proj, "margin"), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_kind", ["seq", "conv"])
+def test_preconditioned_factorized_matches_the_exact_path_and_is_rank_one_per_matrix(model_kind):
+    torch.manual_seed(4)
+    if model_kind == "seq":
+        model = TinySeq().double()
+        inputs, labels = _seq_batch()
+        mode, k, warn = "margin", 9, True
+    else:
+        model = TinyConv().double()
+        inputs, labels = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (6,))
+        mode, k, warn = "margin", 16, False
+    base = projector_for_model(model, "factorized", k, seed=1)
+    scale = {n: 0.2 + torch.rand(s, dtype=torch.float64) for n, s in base.param_shapes.items()}
+    proj = base.preconditioned(scale)
+    if warn:
+        with pytest.warns(UserWarning, match="exact per-sample path"):
+            fast = harvest(model, [(inputs, labels, [0] * len(labels))], projector=proj, mode=mode).jacobians
+    else:
+        fast = harvest(model, [(inputs, labels, [0] * len(labels))], projector=proj, mode=mode).jacobians
+    np.testing.assert_allclose(fast, _exact_then_project(model, inputs, labels, proj, mode), rtol=1e-8, atol=1e-10)
+    # the map applied is the base projection of the scaled gradient: exact for vectors, and for a
+    # matrix with the scale's rank-one approximation outer(row means, column means) / mean
+    g = {n: torch.randn(1, *s, dtype=torch.float64) for n, s in base.param_shapes.items()}
+    approx = {}
+    for n, s in base.param_shapes.items():
+        if base.plan[n][0] == "matrix":
+            m = scale[n].reshape(base.plan[n][3], base.plan[n][4])
+            approx[n] = (torch.outer(m.mean(1), m.mean(0)) / m.mean()).reshape(s)
+        else:
+            approx[n] = scale[n]
+    want = base.project({n: g[n] * approx[n] for n in g})
+    torch.testing.assert_close(proj.project(g), want, rtol=1e-10, atol=1e-12)

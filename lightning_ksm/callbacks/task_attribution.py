@@ -126,6 +126,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         seed: Optional[int] = None,
         estimator: Optional[str] = None,
         simulate_adam: Optional[str] = None,
+        target_readout: Optional[str] = None,
         calibrate: Optional[str] = None,
         lam: Optional[float] = None,
         loss: Optional[str] = None,

@@ -43,7 +43,7 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
     kind = resolve_estimator(config, run)
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
-                          calibrate=config.calibrate)
+                          calibrate=config.calibrate, use_readout=config.target_readout == "exact")
     else:
         result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
                         progress=progress)

@@ -29,6 +29,7 @@ BatchNorm uses running statistics). ``logits`` mode needs one backward pass per 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Mapping
@@ -78,6 +79,25 @@ class FactorizedProjector(Projector):
     def _extra_config(self) -> dict:
         return {"k_param": self.k_param}
 
+    def preconditioned(self, scale: Mapping[str, torch.Tensor]) -> "FactorizedProjector":
+        """The same projection of ``scale * grad`` (elementwise, e.g. the watched Adam's
+        ``1 / sqrt(sqrt(v_hat) + eps)``), with the scale of a matrix parameter replaced by its
+        rank-one (Adafactor-style) approximation ``outer(row means, column means) / mean``, so that
+        it folds into the two factors and the fast path still never forms a per-sample gradient.
+        Exact and dense blocks are scaled exactly."""
+        out = copy.copy(self)
+        out._cache = {}
+        out._scales = {}
+        for name, plan in self.plan.items():
+            sc = scale[name].detach().to(torch.float64).reshape(-1)
+            if plan[0] == "matrix":
+                m = sc.reshape(plan[3], plan[4])
+                mean = m.mean().clamp_min(1e-30)
+                out._scales[name] = (m.mean(1) / mean.sqrt(), m.mean(0) / mean.sqrt())
+            else:
+                out._scales[name] = sc
+        return out
+
     def config(self) -> dict:
         cfg = super().config()
         cfg.pop("block_size", None)
@@ -92,15 +112,23 @@ class FactorizedProjector(Projector):
         return self._cached((name, part), make).to(device=device, dtype=dtype)
 
     def factors(self, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P_r, P_c)`` of a matrix parameter."""
+        """``(P_r, P_c)`` of a matrix parameter (times its scale factors when preconditioned)."""
         _, k_r, k_c, rows, cols, _, _ = self.plan[name]
-        return (self._gaussian(name, "rows", k_r, rows, device, dtype),
-                self._gaussian(name, "cols", k_c, cols, device, dtype))
+        P_r = self._gaussian(name, "rows", k_r, rows, device, dtype)
+        P_c = self._gaussian(name, "cols", k_c, cols, device, dtype)
+        scales = getattr(self, "_scales", None)
+        if scales:
+            r, c = scales[name]
+            P_r, P_c = P_r * r.to(P_r)[None, :], P_c * c.to(P_c)[None, :]
+        return P_r, P_c
 
     def project_param(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """Project full per-sample gradients ``(n, *shape)`` of one parameter to ``(n, dim)``."""
         plan = self.plan[name]
         n = grad.shape[0]
+        scales = getattr(self, "_scales", None)
+        if scales and plan[0] != "matrix":
+            grad = grad * scales[name].to(grad).reshape(grad.shape[1:])
         if plan[0] == "exact":
             return grad.reshape(n, -1)
         if plan[0] == "dense":
@@ -118,8 +146,11 @@ class FactorizedProjector(Projector):
 
     def subset(self, names) -> "FactorizedProjector":
         """The same maps for a subset of the parameters (each block is seeded by its name alone)."""
-        return FactorizedProjector({n: self.param_shapes[n] for n in names}, self.k_param, self.seed,
-                                   cache_bytes=self.cache_bytes)
+        out = FactorizedProjector({n: self.param_shapes[n] for n in names}, self.k_param, self.seed,
+                                  cache_bytes=self.cache_bytes)
+        if getattr(self, "_scales", None):
+            out._scales = {n: self._scales[n] for n in names}
+        return out
 
 
 def _role(module: nn.Module, attr: str) -> str | None:

@@ -91,8 +91,9 @@ class HarvestRunner:
         meta: extra JSON-able facts recorded in the store's manifest (e.g. the W0 path).
         preconditioner: ``{name: 1 / sqrt(sqrt(v_hat) + eps)}`` from the watched Adam-type
             optimizer (:func:`~lightning_ksm.harvesting.readout.adam_preconditioner`): gradients are
-            scaled by it before the projection (``config.precondition="auto"``, per-sample
-            projections only); the first harvest into a store keeps it there for a resume.
+            scaled by it before the projection (``config.precondition="auto"``; the factorized
+            projection folds a rank-one approximation of it into its factors); the first harvest
+            into a store keeps it there for a resume.
 
     The parameter selection, the projector and the per-sample engine are set up once, here. With
     ``config.exact_readout`` > 0 the source shards also carry the exact target readout
@@ -130,7 +131,7 @@ class HarvestRunner:
         self.shards_skipped = 0
         self.completeness: dict | None = None  # the store's completeness after this rank's run
         self._harvester: Harvester | None = None
-        usable = self.config.precondition == "auto" and self.projector.kind != "factorized"
+        usable = self.config.precondition == "auto"
         self._offered_scale = dict(preconditioner) if (preconditioner and usable) else None
         self._scale_resolved = False
         self._scale: dict | None = None
@@ -156,6 +157,8 @@ class HarvestRunner:
         scale = self.preconditioner()
         if scale is None:
             return self.projector
+        if self.projector.kind == "factorized":  # folded into its factors (rank-one for matrices)
+            return self.projector.preconditioned(scale)
         scaled, base = copy.copy(self.projector), self.projector.project
         scaled.project = lambda grads: base({n: g * scale[n].to(g) for n, g in grads.items()})
         return scaled
