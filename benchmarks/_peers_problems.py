@@ -10,8 +10,13 @@ replicated here so TracIn gets its checkpoints and TAG its lookahead), the per-s
 - ``project``: benchmarks/_fidelity_project.py (10 sources, planted harmful 0, 1 and helpful 2, 3),
   ground truth cached by benchmarks/gradex_fidelity.py: all tasks, 10 leave-one-out, 60 random
   subsets, 3 batch seeds each.
-- ``modular_add`` / ``modular_quad``: recipes/modular_arithmetic.py (FULL), W0 seed 0, 40 subsets
-  (20 tuning, 20 evaluation), 2 batch seeds each, cached by the same harness.
+- ``modular_add`` / ``modular_quad``: recipes/modular_arithmetic.py (FULL), W0 seed 0, 100 subsets
+  (50 tuning, 50 evaluation), 2 batch seeds each, cached by the same harness.
+
+GradEx's features (``Problem.features``) are the ones the callback harvests by default: the
+preconditioned sjlt-256 margin features with the exact target readout, cached by the fidelity
+harness (``_callback_features``), and ``Problem.run`` the watched run's record with its observed
+all-tasks loss (``final_losses``: the effect calibration of ``AnalysisConfig()``).
 - ``breast_cancer``: the Figure-1 logistic regression (recipes/breast_cancer_loo.py) made a task
   problem here: the 455 training points grouped into K = 10 tasks by k-means (seed 0) on the
   standardized features, the target the mean log-loss of the 114 test points; every subset is
@@ -86,6 +91,29 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _callback_features(fdir, key, w0_model, source_batches, target_batches, exp_avg_sq, steps, beta2, own_dir):
+    """The features the callback harvests by default, from the fidelity harness's cache: the
+    preconditioned source features ``source-<key>.npz`` with the exact target readout
+    (``readout-pre.npz``; computed here into ``own_dir`` when the harness has not cached it: the
+    harness's own ``readout_cached``, same inputs), the preconditioned target features. Returns
+    ``(features, note)``."""
+    from gradex_fidelity import _load_feats, preconditioner_scale, readout_cached, with_readout
+
+    src, tgt = (_load_feats(os.path.join(fdir, f"{s}-{key}.npz")) for s in ("source", "target"))
+    path = os.path.join(fdir, "readout-pre.npz")
+    where = "the fidelity harness's cache"
+    if not os.path.exists(path):
+        os.makedirs(own_dir, exist_ok=True)
+        path = os.path.join(own_dir, "readout-pre.npz")
+        where = f"computed here ({path}) with gradex_fidelity.readout_cached: the harness had not cached it"
+    scale = preconditioner_scale(exp_avg_sq, steps, beta2, 1e-8) if not os.path.exists(path) else None
+    r, cols, seconds = readout_cached(path, w0_model(), source_batches(), target_batches(), scale)
+    note = (f"the callback's defaults: {key} features (preconditioned by the watched run's Adam second moments) "
+            f"with the exact target readout ({where}; {seconds:.0f} s), analysis AnalysisConfig() = simulate, "
+            "calibrate='effect' on the observed all-tasks loss")
+    return (with_readout(src, r, cols), replace(tgt, preconditioned=True)), note
+
+
 # -- project ---------------------------------------------------------------------------------------
 def _project() -> Problem:
     from _fidelity_project import EPOCHS, BATCH, LR, project_design, project_truth
@@ -125,27 +153,35 @@ def _project() -> Problem:
         return model, opt, step
 
     model, opt, steps = train_loop()
+    obs_loss = prob.target_loss(model)
     fdir = os.path.join(root, "seed0", "features")
-    feats = tuple(_load_feats(os.path.join(fdir, f"{s}-sjlt256-margin.npz")) for s in ("source", "target"))
+    feats, feature_note = _callback_features(
+        fdir, "sjlt256-margin-pre", lambda: prob.model(),
+        lambda: [(x, y, [prob.task_names[t] for t in ts]) for x, y, ts in prob.batches("source")],
+        lambda: [(x, y, ["target"] * len(ts)) for x, y, ts in prob.batches("target")],
+        {n: opt.state[q]["exp_avg_sq"] for n, q in model.named_parameters()}, steps, 0.999,
+        os.path.join("runs", "peers", "project"))
     run = {"optimizer": {"type": "Adam", "lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
            "steps": steps, "epochs": EPOCHS, "epoch_based": True, "batch_size": BATCH,
-           "accumulate_grad_batches": 1, "final_loss": prob.target_loss(model), "lr_schedule": None}
+           "accumulate_grad_batches": 1, "final_loss": obs_loss,
+           "final_losses": {"all": obs_loss, "target": obs_loss}, "lr_schedule": None}
     return Problem("project", prob.task_names, S, F_seeds, rand[: len(rand) // 2], rand[len(rand) // 2:], 0,
                    np.arange(1, K + 1), prob.model(), _state(model), prob.x, prob.y, prob.task,
                    prob.x_target, prob.y_target, train_loop, feats, run, w0=dict(prob.w0),
                    retrain_seconds=float(np.mean([r.seconds for r in tr["reals"]])),
                    notes={"design": "all tasks, 10 leave-one-out, 60 random Bernoulli(0.8); tuning = first 30 "
                                     "random, evaluation = last 30 random", "batch_seeds": [0, 1, 2],
-                          "planted": {"harmful": [0, 1], "helpful": [2, 3]}})
+                          "planted": {"harmful": [0, 1], "helpful": [2, 3]}, "gradex_features": feature_note})
 
 
 # -- modular arithmetic ----------------------------------------------------------------------------
 def _modular(op: str) -> Problem:
     from _fidelity_truth import batch_seeds, modular_truth
     from gradex_fidelity import _load_feats, modular_run_record
+    from lightning_ksm.config import HarvestConfig
     from recipes import modular_arithmetic as ma
 
-    cfg = replace(ma.FULL, n_subsets=40)
+    cfg = replace(ma.FULL, n_subsets=100)
     root = os.path.join(FIDELITY, "modular")
     run_dir = os.path.join(root, op, "seed0")
     S = ma.evaluation_subsets(cfg, 0)
@@ -189,15 +225,26 @@ def _modular(op: str) -> Problem:
 
     model = ma.new_model(cfg, 0)
     fdir = os.path.join(run_dir, "features")
-    feats = tuple(_load_feats(os.path.join(fdir, f"{s}-sjlt{cfg.proj_dim}-d0.npz")) for s in ("source", "target"))
+    k0 = HarvestConfig().proj_dim  # what the callback harvests by default
+    key = f"sjlt{k0}-pre-d0"
+    default = all(os.path.exists(os.path.join(fdir, f))
+                  for f in (f"source-{key}.npz", f"target-{key}.npz", "readout-pre.npz"))
+    if default:
+        feats, feature_note = _callback_features(fdir, key, None, None, None, None, None, None, None)
+    else:  # the harness has not (yet) cached the callback-default features: the old plain ones, said so
+        feats = tuple(_load_feats(os.path.join(fdir, f"{s}-sjlt{cfg.proj_dim}-d0.npz")) for s in ("source", "target"))
+        feature_note = (f"NOT the callback's defaults: {fdir}/{{source,target}}-{key}.npz and readout-pre.npz were not "
+                        f"cached by the fidelity harness in time, so the plain sjlt{cfg.proj_dim} margin features "
+                        "(no preconditioning, no exact readout) with AnalysisConfig()")
     tr_pos, te_pos = data.train, data.test
     return Problem(f"modular_{op}", list(data.group_names), S, F_seeds, np.arange(m // 2), np.arange(m // 2, m),
                    None, None, model, final, data.tokens[tr_pos], data.labels[tr_pos], data.groups[tr_pos],
                    data.tokens[te_pos], data.labels[te_pos], train_loop, feats,
                    modular_run_record(cfg, len(tr_pos), obs), w0=w0,
                    retrain_seconds=float(np.mean([r.seconds for r in tr["reals"]])),
-                   notes={"design": "40 Bernoulli(0.9) subsets of 25 tasks; tuning = first 20, evaluation = last 20",
-                          "batch_seeds": batch_seeds(0, 2), "w0_seed": 0})
+                   notes={"design": f"{m} Bernoulli(0.9) subsets of 25 tasks; tuning = first {m // 2}, evaluation = "
+                                    f"last {m - m // 2}", "batch_seeds": batch_seeds(0, 2), "w0_seed": 0,
+                          "gradex_features": feature_note, "gradex_features_default": default})
 
 
 # -- breast cancer ---------------------------------------------------------------------------------

@@ -48,10 +48,12 @@ from _peers_classics import PeakRSS, grad_cos_affinity, gradex_default, kernelsm
 from _peers_problems import PROBLEMS, load_problem  # noqa: E402
 
 ROOT = os.path.join("runs", "peers")
-MODULAR_METHODS = ["trak_p128", "trak_p512", "grad_dot", "grad_cos", "tracin"]
-# quad: fewer again (the time budget: TracIn alone took 550 s on addition; EK-FAC was stopped
-# after 7.5 min there without finishing; grad_dot stopped for time)
-MODULAR_QUAD_METHODS = ["trak_p512"]
+# the 422k-parameter transformer, dattri's CPU path: a short list (the time budget of this pass: in
+# the previous pass TRAK took 85-270 s per projection, Grad-Dot 147 s, TracIn 552 s on addition, and
+# dattri's EK-FAC was stopped after 7.5 min without finishing; this pass's cache was lost and the
+# rerun had ~1.5 h of one shared core for everything)
+MODULAR_METHODS = ["trak_p512", "grad_dot", "grad_cos"]
+MODULAR_QUAD_METHODS = ["trak_p512", "grad_cos"]
 # per-sample budgets: (attributed training samples per task, target samples, Hessian samples, methods)
 BUDGETS = {
     "project": dict(n_per_task=None, n_targets=None, n_hessian=512, only=None),
@@ -131,7 +133,9 @@ class Cache(dict):
 
 # -- one problem -----------------------------------------------------------------------------------
 def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, tag_targets=None,
-                n_checkpoints: int = 5) -> dict:
+                n_checkpoints: int = 5, kronfluence=None, ours: bool = True) -> dict:
+    """``kronfluence``: False (not run), None (the default sweep) or run_kronfluence's keywords;
+    ``ours``: False leaves out the KernelSM / GradEx rows (a partial pass, cached rows kept)."""
     from _peers_dattri import run_per_sample
 
     from lightning_ksm.surrogates import KernelSurrogate, LinearSurrogate
@@ -197,28 +201,31 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
                                  "replay": {k: v for k, v in tag.items() if k != "tag"},
                                  "note": "TAG: 1 - L_target(optimizer lookahead on the task's batch samples) / "
                                          "L_target, mean over the watched run's steps; seconds = the lookaheads"}
-    # KernelSM and GradEx (the project's own)
-    if p.features is not None:
+    # KernelSM and GradEx (the project's own); cached per feature variant (the callback's defaults or not)
+    if p.features is not None and ours:
         SP = p.S.astype(bool)
+        variant = "" if p.notes.get("gradex_features_default", True) else "_plain_features"
 
         def ksm():
             pred, report = kernelsm(p, SP)
             return {"pred": pred.tolist(), "gamma": getattr(report.surrogate_, "gamma_", None),
                     "alpha": getattr(report.surrogate_, "alpha_", None)}
-        r = cache.timed("kernelsm", ksm)
+        r = cache.timed("kernelsm" + variant, ksm)
         pred = np.asarray(r["value"]["pred"])
         loo = pred[p.loo] - pred[p.full] if p.loo is not None else None
         rows["kernelsm"] = {**score_prediction(p, pred, loo), "family": "ours", "seconds": r["seconds"],
                             "peak_rss_extra_bytes": r["peak_rss_extra_bytes"],
                             "hyper": {"gamma": r["value"]["gamma"], "alpha": r["value"]["alpha"]},
+                            "features": p.notes.get("gradex_features"),
                             "note": "lightning_ksm.analyze(source, target, AnalysisConfig()) on the harvested "
                                     "features (harvest time not included), its kernel surrogate predicting the "
                                     "design subsets"}
-        r = cache.timed("gradex_default", lambda: gradex_default(p, SP).tolist())
+        r = cache.timed("gradex_default" + variant, lambda: gradex_default(p, SP).tolist())
         pred = np.asarray(r["value"])
         loo = pred[p.loo] - pred[p.full] if p.loo is not None else None
         rows["gradex_default"] = {**score_prediction(p, pred, loo), "family": "ours", "seconds": r["seconds"],
                                   "peak_rss_extra_bytes": r["peak_rss_extra_bytes"],
+                                  "features": p.notes.get("gradex_features"),
                                   "note": "GradEx's F^ (the default estimator) on the design subsets directly"}
     # dattri
     log(f"[{p.name}] dattri methods")
@@ -233,6 +240,27 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
         rows[name] = {**score_tasks(p, r["scores"]["sum"]), **base, "task_scores": r["scores"]["sum"]}
         rows[name + "_mean"] = {**score_tasks(p, r["scores"]["mean"]), **base, "aggregation": "mean",
                                 "task_scores": r["scores"]["mean"]}
+    # Kronfluence (EK-FAC, KFAC), the same samples, targets and aggregation as the dattri rows
+    from _peers_kronfluence import available, run_kronfluence
+
+    why = available()
+    if why is None and kronfluence is not False:
+        log(f"[{p.name}] kronfluence")
+        kcache = Cache(os.path.join(cache_dir, "kronfluence.json"))
+        kbudget = {k: v for k, v in budget.items() if k != "only"}
+        res = run_kronfluence(p, cache=kcache, log=log, workdir=os.path.join(cache_dir, "kronfluence_work"),
+                              **kbudget, **(kronfluence or {}))
+        for name, r in res.items():
+            base = {"family": "kronfluence", "seconds": r["seconds"], "hyper": r["hyper"], "budget": r["info"],
+                    "peak_rss_extra_bytes": r.get("peak_rss_extra_bytes")}
+            if r["scores"] is None:
+                rows[name] = {**base, "error": r["info"]["error"]}
+                continue
+            rows[name] = {**score_tasks(p, r["scores"]["sum"]), **base, "task_scores": r["scores"]["sum"]}
+            rows[name + "_mean"] = {**score_tasks(p, r["scores"]["mean"]), **base, "aggregation": "mean",
+                                    "task_scores": r["scores"]["mean"]}
+    elif why is not None:
+        log(f"[{p.name}] kronfluence not run: {why}")
     return {"rows": rows, "best_of_sweeps": best_of_sweeps(rows), "notes": p.notes, "K": p.K,
             "n_subsets": int(len(p.S)), "n_tuning": int(len(p.fit)), "n_evaluation": int(len(p.ev)),
             "seconds_one_real_retraining": p.retrain_seconds, "wall_seconds": time.perf_counter() - t_all,
@@ -241,7 +269,8 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
 
 def _family(name: str) -> str:
     base = name[:-5] if name.endswith("_mean") else name
-    for pre in ("trak", "if_explicit", "if_cg", "if_lissa", "if_arnoldi", "if_datainf", "if_ekfac"):
+    for pre in ("trak", "if_explicit", "if_cg", "if_lissa", "if_arnoldi", "if_datainf", "if_ekfac", "kf_ekfac",
+                "kf_kfac"):
         if base.startswith(pre):
             return pre + ("_mean" if name.endswith("_mean") else "")
     return name
@@ -353,6 +382,9 @@ def main(argv=None):
     ap.add_argument("--tables", metavar="RESULTS_JSON")
     ap.add_argument("--full", action="store_true", help="with --tables: every row of every sweep")
     ap.add_argument("--memory-gb", type=int, default=10, help="address-space limit of this process")
+    ap.add_argument("--no-ours", action="store_true", help="leave out KernelSM / GradEx (a partial pass; "
+                    "rows cached under runs/peers/ are reused by the next full run)")
+    ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/peers.json")
     args = ap.parse_args(argv)
     if args.tables:
         res = json.load(open(args.tables))
@@ -375,7 +407,7 @@ def main(argv=None):
         log(f"[{name}] problem loaded ({time.perf_counter() - t:.0f}s)")
         tag_targets = 256 if name.startswith("modular") else None
         out[name] = run_problem(p, BUDGETS[name], os.path.join(ROOT, name), log=log, tag_targets=tag_targets,
-                                n_checkpoints=3 if name.startswith("modular") else 5)
+                                n_checkpoints=3 if name.startswith("modular") else 5, ours=not args.no_ours)
         out[name]["budget_per_sample_methods"] = BUDGETS[name]
         print(format_tables({"problems": {name: out[name]}}), flush=True)
     import dattri
@@ -407,7 +439,8 @@ def main(argv=None):
         "problems": out,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
     }
-    write_results("peers", results)
+    if not args.no_write:
+        write_results("peers", results)
     print(format_tables(results))
 
 

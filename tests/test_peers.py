@@ -36,7 +36,8 @@ def test_harness_on_a_tiny_problem(tmp_path):
 
     p = tiny_problem()
     budget = dict(n_per_task=None, n_targets=None, n_hessian=64, only=["grad_dot", "trak_p32", "if_explicit_d0.01"])
-    res = run_problem(p, budget, str(tmp_path), log=lambda *_: None)
+    kf = {"strategies": ("ekfac",), "dampings": (None,)}  # (only when kronfluence is installed)
+    res = run_problem(p, budget, str(tmp_path), log=lambda *_: None, kronfluence=kf)
     rows = res["rows"]
     for name in ("minus_size", "noise_ceiling", "linear_datamodel", "loo_retraining", "tag_lookahead",
                  "grad_cos_affinity_final", "grad_dot", "grad_dot_mean", "trak_p32", "if_explicit_d0.01"):
@@ -50,5 +51,31 @@ def test_harness_on_a_tiny_problem(tmp_path):
     assert rows["tag_lookahead"]["replay"]["replay_max_abs_diff_vs_recorded_final"] == 0.0
     assert "| grad_dot |" in format_tables({"problems": {"tiny": res}})
     # cached: a second call re-scores without recomputing the dattri rows
-    again = run_problem(p, budget, str(tmp_path), log=lambda *_: None)
+    again = run_problem(p, budget, str(tmp_path), log=lambda *_: None, kronfluence=kf)
     assert again["rows"]["grad_dot"]["lds"] == rows["grad_dot"]["lds"]
+
+
+def test_kronfluence_rows_on_a_tiny_problem(tmp_path):
+    pytest.importorskip("kronfluence", reason="Kronfluence's rows need it: pip install -e '.[bench]'")
+    import torch
+
+    torch.set_num_threads(1)
+    from _peers_kronfluence import run_kronfluence
+    from _peers_problems import tiny_problem
+    from peers import Cache, score_tasks
+
+    p = tiny_problem()
+    cache = Cache(str(tmp_path / "kronfluence.json"))
+    res = run_kronfluence(p, n_hessian=64, strategies=("ekfac",), dampings=(None, 1e-3), cache=cache,
+                          workdir=str(tmp_path / "work"), log=lambda *_: None)
+    assert set(res) == {"kf_ekfac_dheur", "kf_ekfac_d0.001"}
+    for r in res.values():
+        assert r["info"]["error"] is None, r["info"]["error"]
+        sc = score_tasks(p, r["scores"]["sum"])
+        assert -1.0 <= sc["lds"] <= 1.0 and -1.0 <= sc["loo_spearman"] <= 1.0
+        # the planted harmful task 0 (flipped labels) gets the lowest score, as with the dattri rows
+        assert int(np.argmin(r["scores"]["sum"])) == 0
+    # cached: a second call returns the same rows without recomputing
+    again = run_kronfluence(p, n_hessian=64, strategies=("ekfac",), dampings=(None, 1e-3), cache=cache,
+                            workdir=str(tmp_path / "work"), log=lambda *_: None)
+    assert again["kf_ekfac_dheur"]["scores"] == res["kf_ekfac_dheur"]["scores"]
