@@ -129,7 +129,9 @@ def harvest_cached(path, model, batches_fn, *, projection, k, seed, mode, scale=
     if os.path.exists(path):
         return _load_feats(path), json.load(open(path + ".json"))["seconds"]
     proj = projector_for_model(model, projection, k, seed)
-    if scale is not None:
+    if scale is not None and projection == "factorized":
+        proj = proj.preconditioned(scale)  # folded into the factors (rank-one per matrix)
+    elif scale is not None:
         base = proj.project
         proj.project = lambda grads: base({n: g * scale[n].to(g.dtype) for n, g in grads.items()})
     start = time.perf_counter()
@@ -229,6 +231,12 @@ class _Rows(dict):
 
     def lazy(self, name, compute):
         self[name] = _cached(os.path.join(self.directory, name + ".json"), compute)
+
+
+def _timed_plus(fn, extra_seconds):
+    t = time.perf_counter()
+    v = fn()
+    return v, time.perf_counter() - t + extra_seconds
 
 
 def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam, fit, truth, cache_dir,
@@ -373,12 +381,25 @@ def modular_one(cfg, op, seed, args, log):
         cb.append(f)
         dsec = s_ if split == "source" else dsec + s_
     callback_default = (with_readout(cb[0], r, rcols), dataclasses.replace(cb[1], preconditioned=True))
+    factorized = {}
+    for kf in (args.readout_factorized_k if seed == 0 else []):  # the factorized harvest, k per parameter
+        pair = [harvest_cached(os.path.join(fdir, f"{split}-factorized{kf}-pre-d0.npz"), model, batches(split),
+                               projection="factorized", k=kf, seed=0, mode="margin", scale=scale,
+                               task_names=names) for split in ("source", "target")]
+        eff = projector_for_model(model, "factorized", kf, 0).preconditioned(scale).effective_scale()
+        rf, rfcols, rfsec = readout_cached(os.path.join(fdir, f"readout-factorized{kf}-pre.npz"), model,
+                                           plain("source"), plain("target"), eff)
+        factorized[kf] = ((with_readout(pair[0][0], rf, rfcols), dataclasses.replace(pair[1][0], preconditioned=True)),
+                          pair[0][1] + pair[1][1] + rfsec)
     log(f"[{op} seed {seed}] features ready (harvest {hsec:.0f}s, preconditioned {psec:.0f}s, readout {rsec:.0f}s)")
     cols = _order(src[0], names)
     run = modular_run_record(cfg, len(data.train), obs)
     rows = run_estimators(S, src, tgt, pre_src, pre_tgt, run, cols, cfg.lam, fit, truth,
                           os.path.join(tr["run_dir"], "estimates"), readout=(r, rcols),
                           callback_default=callback_default)
+    for kf, (pair, fsec) in factorized.items():
+        rows.lazy(f"factorized{kf}_readout", lambda pair=pair, fsec=fsec: _timed_plus(
+            lambda: simulate(*pair, _with_all(S)[:, cols], run, calibrate="effect").column("all"), fsec))
     # oracle rows: the real dW through the first-order model (exact, and projected targets)
     projectors, tfeats = {}, {}
     for kk in args.oracle_k:
@@ -406,6 +427,11 @@ def modular_one(cfg, op, seed, args, log):
     for name in ("simulate_readout", "simulate_readout_effect", "simulate_readout_draws"):
         if name in scores:
             scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec + rsec
+    for kf in factorized:  # its seconds already hold its own harvest and readout
+        scores[f"factorized{kf}_readout"]["seconds_with_harvest"] = scores[f"factorized{kf}_readout"]["seconds"]
+        scores[f"factorized{kf}_readout"]["features"] = (f"factorized k = {kf} per parameter "
+                                                          f"({factorized[kf][0][0].proj_dim} dims), preconditioned "
+                                                          "(rank one per matrix), exact readout")
     if "default" in scores:
         scores["default"]["seconds_with_harvest"] = scores["default"]["seconds"] + dsec + rsec
         scores["default"]["features"] = f"the callback's defaults: sjlt k = {k0}, preconditioned, exact readout"
@@ -547,8 +573,8 @@ def project_one(seed, args, log):
 
 
 # -- summary ---------------------------------------------------------------------------------------
-_KEYS = ("spearman", "spearman_within_size", "relative_error_median", "relative_error_anchored_median",
-         "std_ratio", "kernelsm_heldout_lds", "seconds_with_harvest", "loo_spearman")
+_KEYS = ("spearman", "spearman_within_size", "spearman_tuning_half", "relative_error_median",
+         "relative_error_anchored_median", "std_ratio", "kernelsm_heldout_lds", "seconds_with_harvest", "loo_spearman")
 
 
 def summarize(runs: list) -> dict:
@@ -563,6 +589,12 @@ def summarize(runs: list) -> dict:
             vals = [v for v in vals if v is not None and np.isfinite(v)]
             if vals:
                 row[key] = {"mean": float(np.mean(vals)), "values": vals}
+        for key in ("harmful_effect_ratio", "helpful_effect_ratio"):  # project: per source, per seed
+            per = [r["estimators"][name].get(key) for r in runs if name in r["estimators"]]
+            per = [p for p in per if p]
+            if per:
+                row[key] = {"values": per, "geometric_mean": float(np.exp(np.mean(
+                    [np.log(v) for p in per for v in p.values() if v > 0])))}
         out[name] = row
     measured = [r["noise_ceiling"] for r in runs if r["noise_ceiling"]]
     out["noise_ceiling"] = {k: float(np.mean([nc[k] for nc in measured])) for k in
@@ -584,9 +616,9 @@ def format_tables(results: dict) -> str:
                   f"{nc['seed_to_seed_spearman']:.2f}, "
                   f"a perfect estimator vs the seed mean ~{nc['ceiling_vs_seed_mean']:.2f}; real retraining of the "
                   f"design, one seed: {summ['seconds_real_retraining_one_seed']:.0f} s)", "",
-                  "| estimator | Spearman | within size | rel. err. | anchored | std ratio | KernelSM LDS | seconds (incl. harvest) |"
-                  + (" LOO Spearman |" if prob == "project" else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if prob == "project" else "")]
+                  "| estimator | Spearman | within size | tuning half | rel. err. | anchored | std ratio | KernelSM LDS | seconds (incl. harvest) |"
+                  + (" LOO Spearman | harmful effect, est./real | helpful effect, est./real |" if prob == "project" else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if prob == "project" else "")]
 
         def cell(row, key, pct=False):
             v = row.get(key)
@@ -597,10 +629,18 @@ def format_tables(results: dict) -> str:
             if not isinstance(row, dict) or "spearman" not in row:
                 continue
             bold = "**" if name == "default" else ""
+            def ratios(key):
+                per = (row.get(key) or {}).get("values")
+                if not per:
+                    return "–"
+                return " ; ".join("/".join(f"{v:.2f}" for v in p.values()) for p in per)
+            extra = (f" {cell(row, 'loo_spearman')} | {ratios('harmful_effect_ratio')} | {ratios('helpful_effect_ratio')} |"
+                     if prob == "project" else "")
             lines.append(f"| {bold}{name}{bold} | {cell(row, 'spearman')} | {cell(row, 'spearman_within_size')} | "
+                         f"{cell(row, 'spearman_tuning_half')} | "
                          f"{cell(row, 'relative_error_median', True)} | {cell(row, 'relative_error_anchored_median', True)} | "
                          f"{cell(row, 'std_ratio')} | {cell(row, 'kernelsm_heldout_lds')} | "
-                         f"{cell(row, 'seconds_with_harvest')} |" + (f" {cell(row, 'loo_spearman')} |" if prob == "project" else ""))
+                         f"{cell(row, 'seconds_with_harvest')} |" + extra)
         lines.append("")
     return "\n".join(lines)
 
@@ -617,6 +657,9 @@ def main(argv=None):
                     help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
     ap.add_argument("--project-seeds", type=int, default=2, help="seeds of the project-like problem")
+    ap.add_argument("--readout-factorized-k", type=int, nargs="*", default=[256],
+                    help="per-parameter budgets of preconditioned factorized harvests with the exact readout "
+                         "(W0 seed 0 only)")
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     ap.add_argument("--tables", metavar="RESULTS_JSON")
     args = ap.parse_args(argv)

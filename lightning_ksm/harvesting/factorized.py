@@ -111,6 +111,17 @@ class FactorizedProjector(Projector):
 
         return self._cached((name, part), make).to(device=device, dtype=dtype)
 
+    def effective_scale(self) -> dict | None:
+        """``{name: scale}`` as this projection applies it (rank-one for matrices), or None."""
+        scales = getattr(self, "_scales", None)
+        if not scales:
+            return None
+        out = {}
+        for name, shape in self.param_shapes.items():
+            sc = scales[name]
+            out[name] = (torch.outer(*sc) if isinstance(sc, tuple) else sc).reshape(shape).float()
+        return out
+
     def factors(self, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P_r, P_c)`` of a matrix parameter (times its scale factors when preconditioned)."""
         _, k_r, k_c, rows, cols, _, _ = self.plan[name]

@@ -315,7 +315,10 @@ class _LazyReadout:
 
     def _build(self) -> ReadoutBuilder:
         runner, device = self.runner, self.harvester.device
-        builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, runner.preconditioner())
+        scale = runner.preconditioner()
+        if scale is not None and runner.projector.kind == "factorized":  # as the features apply it
+            scale = self.harvester.projector.effective_scale()
+        builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, scale)
         for split, loader, name, reader in self.entries:
             if split != "target":
                 continue
