@@ -106,8 +106,11 @@ def _callback_features(fdir, key, w0_model, source_batches, target_batches, exp_
         os.makedirs(own_dir, exist_ok=True)
         path = os.path.join(own_dir, "readout-pre.npz")
         where = f"computed here ({path}) with gradex_fidelity.readout_cached: the harness had not cached it"
-    scale = preconditioner_scale(exp_avg_sq, steps, beta2, 1e-8) if not os.path.exists(path) else None
-    r, cols, seconds = readout_cached(path, w0_model(), source_batches(), target_batches(), scale)
+    if os.path.exists(path):  # readout_cached only loads it
+        r, cols, seconds = readout_cached(path, None, None, None, None)
+    else:
+        scale = preconditioner_scale(exp_avg_sq, steps, beta2, 1e-8)
+        r, cols, seconds = readout_cached(path, w0_model(), source_batches(), target_batches(), scale)
     note = (f"the callback's defaults: {key} features (preconditioned by the watched run's Adam second moments) "
             f"with the exact target readout ({where}; {seconds:.0f} s), analysis AnalysisConfig() = simulate, "
             "calibrate='effect' on the observed all-tasks loss")

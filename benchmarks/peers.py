@@ -7,9 +7,13 @@ benchmarks/gradex_fidelity.py cached under ``runs/gradex_fidelity/`` (never retr
 task-level breast-cancer (Figure 1) problem whose exact refits are computed here.
 
 Methods: dattri's TRAK, TracIn, Grad-Dot, Grad-Cos and influence functions (explicit, CG, LiSSA,
-Arnoldi, DataInf, EK-FAC) through one task-level aggregation (benchmarks/_peers_dattri.py); the
-task-level classics (linear datamodel on real retrainings, leave-one-out retraining, gradient-cosine
-affinity, TAG's lookahead affinity) and KernelSM, the project's default (benchmarks/_peers_classics.py).
+Arnoldi, DataInf, EK-FAC) through one task-level aggregation (benchmarks/_peers_dattri.py);
+Kronfluence's EK-FAC and KFAC with its damping sweep, aggregated the same way
+(benchmarks/_peers_kronfluence.py); the task-level classics (linear datamodel on real retrainings,
+leave-one-out retraining, gradient-cosine affinity, TAG's lookahead affinity) and KernelSM / GradEx
+as users get them: the callback's default features (preconditioned by the run's Adam second
+moments, exact target readout) analysed with ``AnalysisConfig()`` (``simulate``,
+``calibrate="effect"`` on the watched run's observed all-tasks loss) (benchmarks/_peers_classics.py).
 
 Scoring, the same for every row: a method with task scores ``a`` (> 0: the task helps, the
 project's sign convention) predicts ``F^(s) = -sum_{k in s} a_k`` (removing a helpful task raises the
@@ -25,6 +29,8 @@ Command (2 shared cores, one thread; per-method results cached under ``runs/peer
     OMP_NUM_THREADS=1 TQDM_DISABLE=1 nice -n 5 .venv/bin/python benchmarks/peers.py
 
 writes ``benchmarks/results/peers.json``; ``--tables`` prints the docs' tables from it.
+``--no-ours --no-write`` is a partial pass (the peers only, nothing written but the cache): the
+full command afterwards reuses every cached row.
 """
 
 from __future__ import annotations
@@ -302,14 +308,14 @@ def format_tables(results: dict, full: bool = False) -> str:
     for prob, res in results["problems"].items():
         rows, best = res["rows"], res["best_of_sweeps"]
         show = list(rows) if full else [n for n in rows if not n.endswith("_mean") and
-                                        (_family(n) == n or best.get(_family(n)) == n)]
+                                        (_family(n) == n or best.get(_family(n), n) == n)]
         lines += [f"**{TITLES.get(prob, prob)}** ({res['n_tuning']} tuning / {res['n_evaluation']} evaluation "
                   f"subsets; one real retraining ~{res['seconds_one_real_retraining']:.2g} s)", "",
                   "| method | family | LDS | within size | LOO | seconds |", "|---|---|---:|---:|---:|---:|"]
         for n in show:
             r = rows[n]
             label = f"**{n}**" if n == "kernelsm" else n
-            if _family(n) != n and not full:
+            if _family(n) != n and not full and _family(n) in best:
                 label += " (best on tuning)"
             if n == "noise_ceiling" and "lds" not in r:
                 lines.append(f"| noise_ceiling | ceiling | 1 (exact refits) | 1 | 1 | – |")
@@ -376,6 +382,37 @@ def format_headline(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(results: dict, prefixes=("kf_ekfac", "kf_kfac")) -> str:
+    """Every setting of the Kronfluence sweeps (sum aggregation): tuning LDS (what picks the best),
+    then the evaluation LDS / within size / LOO."""
+    probs = [p for p in ("project", "breast_cancer", "modular_add", "modular_quad") if p in results["problems"]]
+    lines = ["| problem | setting | tuning LDS | LDS | within size | LOO | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    short = {"project": "project", "breast_cancer": "breast cancer", "modular_add": "mod. add",
+             "modular_quad": "mod. quad"}
+    for p in probs:
+        res = results["problems"][p]
+        for n, r in res["rows"].items():
+            if n.endswith("_mean") or not n.startswith(prefixes):
+                continue
+            star = " (best)" if res["best_of_sweeps"].get(_family(n)) == n else ""
+            if "error" in r:
+                lines.append(f"| {short[p]} | {n} | failed: {r['error'][:50]} | | | | |")
+                continue
+            lines.append(f"| {short[p]} | {n}{star} | {_fmt(r.get('tuning_lds'))} | {_fmt(r.get('lds'))} | "
+                         f"{_fmt(r.get('within_size'))} | {_fmt(r.get('loo_spearman'))} | {r['seconds']:.3g} |")
+    return "\n".join(lines)
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS))
@@ -388,7 +425,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.tables:
         res = json.load(open(args.tables))
-        print(format_headline(res) + "\n\n" + format_tables(res, full=args.full))
+        print(format_headline(res) + "\n\n" + format_sweep(res) + "\n\n" + format_tables(res, full=args.full))
         return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -410,12 +447,10 @@ def main(argv=None):
                                 n_checkpoints=3 if name.startswith("modular") else 5, ours=not args.no_ours)
         out[name]["budget_per_sample_methods"] = BUDGETS[name]
         print(format_tables({"problems": {name: out[name]}}), flush=True)
-    import dattri
-
     results = {
         "command": "OMP_NUM_THREADS=1 TQDM_DISABLE=1 nice -n 5 .venv/bin/python benchmarks/peers.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
-        "dattri_version": getattr(dattri, "__version__", "0.3.0"),
+        "dattri_version": _version("dattri"),
         "scoring": "F^(s) = -sum of the scores of the tasks in s (score > 0: the task helps); LDS = Spearman over "
                    "the evaluation subsets against the real F (mean over batch seeds); within_size = partial "
                    "Spearman with |s| partialled out; loo_spearman = task scores vs real F(1 - e_k) - F(1); any "
@@ -423,18 +458,32 @@ def main(argv=None):
         "memory": "peak_rss_extra_bytes: peak resident memory above the level when the method started, sampled "
                   "every 10 ms (torch's CPU tensors are invisible to tracemalloc)",
         "seeds": {"per_sample_subsampling": 0, "targets_hessian_subsampling": 1, "projections": 0},
+        "kronfluence": {
+            "version": _version("kronfluence"),
+            "install": "pip install -c .venv/constraints.txt kronfluence (torch stays 2.13.0+cpu); it pulls torchvision "
+                       "0.28.0, which does not import with this CPU torch; kronfluence's own modules (analyzer, "
+                       "arguments, task) do not import torchvision (checked: not in sys.modules after importing "
+                       "them), and its rows ran here with torchvision absent",
+            "api": "Analyzer(cpu=True).fit_all_factors(FactorArguments(strategy=ekfac|kfac)) on the Hessian samples, "
+                   "compute_pairwise_scores(ScoreArguments(damping_factor=...)), load_pairwise_scores; a Task with the "
+                   "summed cross-entropy / BCE as training loss (labels sampled from the model for the true Fisher) "
+                   "and as measurement; every nn.Linear tracked",
+            "damping_sweep": "None (Kronfluence's heuristic: 0.1 x the mean eigenvalue), 1e-8 (its default), 1e-5, 1e-3, "
+                             "1e-1; best chosen by tuning_lds; every setting is a row (kf_<strategy>_d<damping>)",
+            "aggregation": "exactly as the dattri rows: the same attributed samples, targets and Hessian samples "
+                           "(budget_per_sample_methods), benchmarks/_peers_dattri.aggregate (sum, *_mean rows: mean)",
+        },
         "not_run": {
-            "kronfluence": "not installed, not run: `pip install --dry-run -c .venv/constraints.txt kronfluence==1.0.1` "
-                           "does resolve here (torchvision 0.28.0, which requires torch==2.13.0, plus accelerate, "
-                           "einops, opt_einsum, einconv, psutil), but there was no time left in this pass to add it; "
-                           "EK-FAC is represented by dattri's IFAttributorEKFAC (rows if_ekfac_*)",
             "dattri_other": "RPS, DVEmb, LoGra, FactGraSS, BlockProjectedIF and KNN-Shapley are not rows (the issue "
                             "names TRAK, TracIn, influence functions, Grad-Dot/Grad-Cos)",
-            "modular_shortened": "on the 422k-parameter transformer (CPU, one thread, dattri's dense Gaussian "
-                                 "projector: 85-150 s per method) only the methods in budget_per_sample_methods.only "
-                                 "ran: TRAK 2048 dims and every influence-function solver not run on either operation "
-                                 "(EK-FAC, damping 0.1, was stopped after 7.5 min on addition without finishing; CG, "
-                                 "LiSSA, Arnoldi, DataInf not started); Grad-Dot, Grad-Cos, TracIn and TRAK 128 on addition only",
+            "modular_shortened": "the per-method cache of the previous pass was lost and this rerun had about 1.5 h of "
+                                 "one shared CPU core (another benchmark on the other) for everything: on the "
+                                 "422k-parameter transformer only the dattri methods in budget_per_sample_methods.only "
+                                 "ran (addition: TRAK 512, Grad-Dot, Grad-Cos; quadratic: TRAK 512, Grad-Cos). Not "
+                                 "run on modular: TRAK 128 / 2048, TracIn (552 s on addition in the previous pass), "
+                                 "and every dattri influence-function solver (its EK-FAC at damping 0.1 was stopped "
+                                 "after 7.5 min on addition without finishing in the previous pass). Kronfluence's "
+                                 "EK-FAC / KFAC ran on both operations (about 2 min per operation for the whole sweep)",
         },
         "problems": out,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
