@@ -155,6 +155,14 @@ def readout_cached(path, model, source_batches, target_batches, scale):
     return r, cols, seconds
 
 
+def stacked(draws: list) -> HarvestedFeatures:
+    """Features of several projection draws side by side, as the callback stores them (proj_draws)."""
+    if len(draws) == 1:
+        return draws[0]
+    jac = np.concatenate([np.asarray(f.jacobians) for f in draws], axis=-1)
+    return dataclasses.replace(draws[0], jacobians=jac, projection_draws=len(draws))
+
+
 def with_readout(feats: HarvestedFeatures, readout, columns) -> HarvestedFeatures:
     """Preconditioned source features as the callback stores them: with the exact readout."""
     return dataclasses.replace(feats, readout=readout, readout_columns=list(columns), preconditioned=True)
@@ -373,14 +381,23 @@ def modular_one(cfg, op, seed, args, log):
         return [(x, y, g) for x, y, g in batches(split)()]
     r, rcols, rsec = readout_cached(os.path.join(fdir, "readout-pre.npz"), model, plain("source"), plain("target"),
                                     scale)
-    k0 = HarvestConfig().proj_dim  # what the callback harvests by default
-    cb = []
-    for split in ("source", "target"):
-        f, s_ = harvest_cached(os.path.join(fdir, f"{split}-sjlt{k0}-pre-d0.npz"), model, batches(split),
-                               projection="sjlt", k=k0, seed=0, mode="margin", scale=scale, task_names=names)
-        cb.append(f)
-        dsec = s_ if split == "source" else dsec + s_
-    callback_default = (with_readout(cb[0], r, rcols), dataclasses.replace(cb[1], preconditioned=True))
+    k0, n0 = HarvestConfig().proj_dim, HarvestConfig().proj_draws  # what the callback harvests by default
+    cb, dsec = {"source": [], "target": []}, 0.0
+    for d in range(n0):
+        for split in ("source", "target"):
+            f, s_ = harvest_cached(os.path.join(fdir, f"{split}-sjlt{k0}-pre-d{d}.npz"), model, batches(split),
+                                   projection="sjlt", k=k0, seed=d, mode="margin", scale=scale, task_names=names)
+            cb[split].append(f)
+            dsec += s_
+    callback_default = (with_readout(stacked(cb["source"]), r, rcols),
+                        dataclasses.replace(stacked(cb["target"]), preconditioned=True))
+    larger = {}
+    for kk in (args.readout_k if seed == 0 else []):  # the same estimator at other projection sizes
+        pair = [harvest_cached(os.path.join(fdir, f"{split}-sjlt{kk}-pre-d0.npz"), model, batches(split),
+                               projection="sjlt", k=kk, seed=0, mode="margin", scale=scale, task_names=names)
+                for split in ("source", "target")]
+        larger[kk] = ((with_readout(pair[0][0], r, rcols), dataclasses.replace(pair[1][0], preconditioned=True)),
+                      pair[0][1] + pair[1][1] + rsec)
     factorized = {}
     for kf in (args.readout_factorized_k if seed == 0 else []):  # the factorized harvest, k per parameter
         pair = [harvest_cached(os.path.join(fdir, f"{split}-factorized{kf}-pre-d0.npz"), model, batches(split),
@@ -400,6 +417,9 @@ def modular_one(cfg, op, seed, args, log):
     for kf, (pair, fsec) in factorized.items():
         rows.lazy(f"factorized{kf}_readout", lambda pair=pair, fsec=fsec: _timed_plus(
             lambda: simulate(*pair, _with_all(S)[:, cols], run, calibrate="effect").column("all"), fsec))
+    for kk, (pair, ksec) in larger.items():
+        rows.lazy(f"simulate_readout_k{kk}", lambda pair=pair, ksec=ksec: _timed_plus(
+            lambda: simulate(*pair, _with_all(S)[:, cols], run, calibrate="effect").column("all"), ksec))
     # oracle rows: the real dW through the first-order model (exact, and projected targets)
     projectors, tfeats = {}, {}
     for kk in args.oracle_k:
@@ -427,6 +447,9 @@ def modular_one(cfg, op, seed, args, log):
     for name in ("simulate_readout", "simulate_readout_effect", "simulate_readout_draws"):
         if name in scores:
             scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec + rsec
+    for kk in larger:
+        scores[f"simulate_readout_k{kk}"]["seconds_with_harvest"] = scores[f"simulate_readout_k{kk}"]["seconds"]
+        scores[f"simulate_readout_k{kk}"]["features"] = f"sjlt k = {kk}, preconditioned, exact readout"
     for kf in factorized:  # its seconds already hold its own harvest and readout
         scores[f"factorized{kf}_readout"]["seconds_with_harvest"] = scores[f"factorized{kf}_readout"]["seconds"]
         scores[f"factorized{kf}_readout"]["features"] = (f"factorized k = {kf} per parameter "
@@ -434,7 +457,8 @@ def modular_one(cfg, op, seed, args, log):
                                                           "(rank one per matrix), exact readout")
     if "default" in scores:
         scores["default"]["seconds_with_harvest"] = scores["default"]["seconds"] + dsec + rsec
-        scores["default"]["features"] = f"the callback's defaults: sjlt k = {k0}, preconditioned, exact readout"
+        scores["default"]["features"] = (f"the callback's defaults: sjlt k = {k0} x {n0} draws, preconditioned, "
+                                         "exact readout")
     retrain_s = float(np.sum(tr["reals"][0].seconds))
     surrogate_on_real = None
     if len(F_seeds) > 1:  # a surrogate fitted on real runs: scored on the same batch stream, and on another
@@ -543,8 +567,20 @@ def project_one(seed, args, log):
     r_tgt = dataclasses.replace(feats["sjlt256-margin-pre"][1], preconditioned=True)
     add("simulate_readout", lambda: simulate(r_src, r_tgt, SA, run), "readout")
     add("simulate_readout_effect", lambda: simulate(r_src, r_tgt, SA, run, calibrate="effect"), "readout")
-    # the callback's defaults (sjlt k = 256, preconditioned, exact readout, AnalysisConfig())
-    add("default", lambda: estimate_subsets(r_src, r_tgt, SA, AnalysisConfig(), run=run), "readout")
+    # the callback's defaults (its k and draws, preconditioned, exact readout, AnalysisConfig())
+    k0, n0 = HarvestConfig().proj_dim, HarvestConfig().proj_draws
+    cb = {"source": [], "target": []}
+    hsec["callback"] = rsec
+    for d in range(n0):
+        for split in ("source", "target"):
+            f, s_ = harvest_cached(os.path.join(fdir, f"{split}-sjlt{k0}-margin-pre-d{d}.npz"), model, batches(split),
+                                   projection="sjlt", k=k0, seed=d, mode="margin", scale=scale,
+                                   task_names=names if split == "source" else None)
+            cb[split].append(f)
+            hsec["callback"] += s_
+    c_src = with_readout(stacked(cb["source"]), r, rcols)
+    c_tgt = dataclasses.replace(stacked(cb["target"]), preconditioned=True)
+    add("default", lambda: estimate_subsets(c_src, c_tgt, SA, AnalysisConfig(), run=run), "callback")
     scores = {}
     size = S.sum(1).astype(float)
     scores["minus_size"] = score(S, -size, -float(K), truth, obs_loss, fit, ev)
@@ -657,6 +693,8 @@ def main(argv=None):
                     help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
     ap.add_argument("--project-seeds", type=int, default=2, help="seeds of the project-like problem")
+    ap.add_argument("--readout-k", type=int, nargs="*", default=[2048, 4096],
+                    help="other SJLT sizes of the preconditioned harvest with the exact readout (W0 seed 0 only)")
     ap.add_argument("--readout-factorized-k", type=int, nargs="*", default=[256],
                     help="per-parameter budgets of preconditioned factorized harvests with the exact readout "
                          "(W0 seed 0 only)")

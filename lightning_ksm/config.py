@@ -201,7 +201,11 @@ class HarvestConfig(_Settings):
         "rademacher, identity (no projection: tiny models only), factorized (per-layer Kronecker "
         "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
         "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
-    proj_dim: int = setting(256, "projection dimension k", int_at_least(1))
+    proj_dim: int = setting(1024, "projection dimension k (of each draw)", int_at_least(1))
+    proj_draws: int = setting(
+        2, "independent projections of size proj_dim harvested side by side; GradEx estimates with "
+        "each and averages (measured: the projection's noise is what limits the estimate; "
+        "docs/gradex.md); memory and harvest cost grow with proj_dim x proj_draws", int_at_least(1))
     proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
     include: Optional[list] = setting(
         None, "parameter-name patterns to linearize (globs, or 're:' regexes); None: every trainable parameter",

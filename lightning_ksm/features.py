@@ -12,13 +12,15 @@ A harvest at the snapshot weights W0 yields, for every sample i:
 - optionally (source split) ``readout[i]``: ``(C, T)``, the sample's output moved along each
   target column's loss gradient at W0, exactly (``readout_columns`` names the T columns; see
   :mod:`lightning_ksm.harvesting.readout`); ``preconditioned``: the gradients were scaled by the
-  watched optimizer's second moments before the projection.
+  watched optimizer's second moments before the projection; ``projection_draws``: the Jacobians
+  hold that many independent projections side by side (:meth:`HarvestedFeatures.draw`).
 
 Arrays are numpy (possibly memory-mapped from the on-disk store); GradEx moves them to torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -44,6 +46,7 @@ class HarvestedFeatures:
     readout: np.ndarray | None = None
     readout_columns: list = field(default_factory=list)
     preconditioned: bool = False
+    projection_draws: int = 1
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
@@ -98,4 +101,10 @@ class HarvestedFeatures:
             readout=None if self.readout is None else np.asarray(self.readout[index]),
             readout_columns=list(self.readout_columns),
             preconditioned=self.preconditioned,
+            projection_draws=self.projection_draws,
         )
+
+    def draw(self, i: int) -> "HarvestedFeatures":
+        """The features of projection draw ``i`` alone (``projection_draws`` blocks of columns)."""
+        k = self.proj_dim // self.projection_draws
+        return dataclasses.replace(self, jacobians=self.jacobians[..., i * k:(i + 1) * k], projection_draws=1)

@@ -26,7 +26,7 @@ def _data(n, seed):
                          torch.arange(n) % 4)
 
 
-CONFIG = HarvestConfig(projection="sjlt", proj_dim=8, harvest_batch_size=3)
+CONFIG = HarvestConfig(projection="sjlt", proj_dim=8, proj_draws=1, harvest_batch_size=3)
 
 
 def _plan(train, val):

@@ -208,3 +208,33 @@ def test_store_keeps_the_readout_and_a_resume_keeps_the_first_preconditioner(tmp
     plain.run(plan)
     feats = FeatureStore(tmp_path / "p").load("source")
     assert not feats.preconditioned and feats.readout is None
+
+
+def test_projection_draws_are_independent_projectors_and_their_estimates_are_averaged(tmp_path):
+    from lightning_ksm.config import AnalysisConfig
+    from lightning_ksm.estimation import estimate_subsets
+    from lightning_ksm.harvesting.projection import make_projector, projector_from_config
+
+    model, data, target = _problem(5)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    both = make_projector("sjlt", shapes, 16, 3, draws=2)
+    g = {n: torch.randn(4, *s, dtype=torch.float64) for n, s in shapes.items()}
+    for i in range(2):  # block i is exactly the projector of seed 3 + i
+        torch.testing.assert_close(both.project(g)[:, 16 * i:16 * (i + 1)], make_projector("sjlt", shapes, 16, 3 + i).project(g))
+    assert projector_from_config(both.config()) == both and both.k == 32
+    src_loader, tgt_loader = _loaders(data, target)
+    runner = HarvestRunner(model, tmp_path / "h", config={"proj_dim": 16, "proj_draws": 2})
+    runner.initialize_store()
+    runner.run([("source", src_loader), ("target", tgt_loader)])
+    store = FeatureStore(tmp_path / "h")
+    from lightning_ksm.analysis import present_tasks_only
+
+    src, tgt = present_tasks_only(store.load("source")), store.load("target")
+    assert src.projection_draws == 2 and src.proj_dim == 32
+    S = sample_subsets(4, 10, p=0.6, seed=0)
+    run = RUNS["sgd_momentum"]
+    cfg = AnalysisConfig(calibrate="none")
+    got = estimate_subsets(src, tgt, S, cfg, run=run)
+    each = [simulate(src.draw(i), tgt.draw(i), S, run).losses for i in range(2)]
+    np.testing.assert_allclose(got.losses, np.mean(each, axis=0), rtol=1e-10)
+    assert got.extras["projection_draws"] == 2

@@ -19,7 +19,7 @@ from lightning_ksm.fileio import InsufficientSpaceError, WriteFailedError
 from lightning_ksm.harvesting import HarvestRunner
 from lightning_ksm.store import CorruptStoreError, FeatureStore, IncompleteHarvestError
 
-CONFIG = HarvestConfig(projection="sjlt", proj_dim=8, harvest_batch_size=4)
+CONFIG = HarvestConfig(projection="sjlt", proj_dim=8, proj_draws=1, harvest_batch_size=4)
 
 
 def _data(n, seed):

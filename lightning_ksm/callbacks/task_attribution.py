@@ -111,6 +111,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         output: Union[str, Callable, None] = None,
         projection: Optional[str] = None,
         proj_dim: Optional[int] = None,
+        proj_draws: Optional[int] = None,
         proj_seed: Optional[int] = None,
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,

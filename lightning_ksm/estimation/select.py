@@ -38,9 +38,26 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
     the sample weighting of a run that draws batches from the union of the tasks' data; the exact
     target readout where the features carry it; ``calibrate`` from the observed all-tasks run);
     ``proximal`` is GradEx's converged proximal solve (:func:`.estimate.gradex`, ``lam``,
-    ``weighting``). The choice is recorded in ``result.extras["estimator"]``.
+    ``weighting``). The choice is recorded in ``result.extras["estimator"]``. Features with several
+    projection draws (``projection_draws``) are estimated draw by draw and the estimates averaged.
     """
     kind = resolve_estimator(config, run)
+    draws = int(getattr(source, "projection_draws", 1) or 1)
+    if draws > 1:  # one estimate per independent projection, averaged
+        if getattr(target, "projection_draws", 1) != draws:
+            raise ValueError(f"the source features hold {draws} projection draws, the target features "
+                             f"{getattr(target, 'projection_draws', 1)}: harvest both with the same projector")
+        parts = [estimate_subsets(source.draw(i), target.draw(i), subsets, config, run=run, progress=progress)
+                 for i in range(draws)]
+        result = parts[0]
+        result.losses = np.mean([p.losses for p in parts], axis=0)
+        if result.accuracy is not None:
+            result.accuracy = np.mean([p.accuracy for p in parts], axis=0)
+        result.extras["projection_draws"] = draws
+        if result.extras.get("effect_scale") is not None:
+            result.extras["effect_scale"] = {c: [p.extras["effect_scale"][c] for p in parts]
+                                             for c in result.extras["effect_scale"]}
+        return result
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
                           calibrate=config.calibrate, use_readout=config.target_readout == "exact")

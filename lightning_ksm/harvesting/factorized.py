@@ -315,8 +315,8 @@ class FactorizedEngine:
         P = self.projector
         for name, g in zip(self.covered, batch_grads):
             offset, dim = P.plan[name][-2], P.plan[name][-1]
-            got = projected[:, offset: offset + dim].sum(0)
-            want = P.project_param(name, (torch.zeros_like(self._leaves[name]) if g is None else g)[None])[0]
+            got = projected[:, offset: offset + dim].sum(0).detach()
+            want = P.project_param(name, (torch.zeros_like(self._leaves[name]) if g is None else g)[None])[0].detach()
             bad = not bool(torch.isfinite(want).all())
             if not bad:
                 tol = (1e-3 if got.dtype != torch.float64 else 1e-8) * (float(want.norm()) + float(got.norm())) + 1e-12

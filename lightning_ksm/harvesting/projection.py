@@ -36,7 +36,7 @@ _DENSE_BLOCK_ENTRIES = 2**22
 _SJLT_BLOCK_COLUMNS = 2**20
 KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factorized")
 
-__all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
+__all__ = ["Projector", "DrawsProjector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
            "make_projector", "projector_from_config", "param_shapes_of", "stable_seed", "KINDS"]
 _ALIASES = {"none": "identity", "dense": "gaussian", "countsketch": "sjlt"}
 
@@ -380,6 +380,33 @@ _CLASSES = {
 }
 
 
+class DrawsProjector(Projector):
+    """``draws`` independent projections of size ``k`` (seeds ``seed, seed + 1, ...``), side by side:
+    the output has ``draws x k`` columns, block ``i`` being exactly the projector of seed ``seed + i``.
+    GradEx estimates with each block and averages the estimates (docs/gradex.md: averaging over
+    independent draws is what measured to remove most of the projection's noise)."""
+
+    def __init__(self, kind: str, param_shapes, k: int, seed: int = 0, *, draws: int = 2, **opts):
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2:
+            raise ValueError(f"draws must be an int >= 2, got {draws!r}")
+        self.parts = [make_projector(kind, param_shapes, k, seed + i, **opts) for i in range(draws)]
+        first = self.parts[0]
+        super().__init__(param_shapes, k * draws, seed, block_size=first.block_size, cache_bytes=first.cache_bytes)
+        self.kind, self.draws, self.k_draw = first.kind, draws, k
+
+    def config(self) -> dict:
+        cfg = dict(self.parts[0].config())
+        cfg.update({"k": self.k, "k_draw": self.k_draw, "draws": self.draws, "seed": self.seed})
+        return cfg
+
+    def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.project(grads) for p in self.parts], dim=-1)
+
+    def clear_cache(self) -> None:
+        for p in self.parts:
+            p.clear_cache()
+
+
 def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts) -> Projector:
     """Build a seeded projector.
 
@@ -399,15 +426,22 @@ def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts
 
         if k is None:
             raise ValueError("projector kind 'factorized' needs a budget k per parameter")
-        return FactorizedProjector(param_shapes, k, seed, **{o: v for o, v in opts.items() if o != "block_size"})
+        if opts.get("draws", 1) != 1:
+            raise ValueError("proj_draws > 1 needs a per-sample projection (sjlt, gaussian, rademacher), not "
+                             "'factorized'")
+        return FactorizedProjector(param_shapes, k, seed, **{o: v for o, v in opts.items()
+                                                             if o not in ("block_size", "draws")})
     if key not in _CLASSES:
         raise ValueError(f"unknown projector kind {kind!r}; choose one of {KINDS} (or 'none')")
     if key != "sjlt" and "s" in opts:
         raise ValueError(f"option s= applies to the 'sjlt' projector only, not {kind!r}")
+    draws = opts.pop("draws", 1)
     if key == "identity":
         return IdentityProjector(param_shapes, k, seed)
     if k is None:
         raise ValueError(f"projector kind {kind!r} needs an output dimension k")
+    if draws != 1:
+        return DrawsProjector(key, param_shapes, k, seed, draws=draws, **opts)
     return _CLASSES[key](param_shapes, k, seed, **opts)
 
 
@@ -430,6 +464,8 @@ def projector_from_config(config: Mapping, **runtime_opts) -> Projector:
         opts.setdefault("block_size", config.get("block_size"))
     if config["kind"] == "sjlt":
         opts["s"] = config.get("s", 4)
+    if config.get("draws", 1) > 1:
+        return make_projector(config["kind"], shapes, config["k_draw"], config["seed"], draws=config["draws"], **opts)
     return make_projector(config["kind"], shapes, config["k"], config["seed"], **opts)
 
 

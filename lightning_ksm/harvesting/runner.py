@@ -125,7 +125,9 @@ class HarvestRunner:
         self.rank, self.world, self.progress = rank, world, progress
         self.forward_fn, self.weights, self.meta = forward_fn, weights, dict(meta or {})
         self.params = select_parameters(model, include=self.config.include, exclude=self.config.exclude)
+        draws = {} if self.config.projection in ("identity", "factorized") else {"draws": self.config.proj_draws}
         self.projector = projector_for_model(model, self.config.projection, self.config.proj_dim, self.config.proj_seed,
+                                             **draws,
                                              params=self.params)
         self.shards_computed = 0
         self.shards_skipped = 0

@@ -118,6 +118,16 @@ _FIT_EXPLAIN = {
     "fitted subsets.",
     "loss_lower_bound": "The lowest loss possible; no prediction below it is shown or recommended.",
     "gradex_converged": "Subsets whose GradEx solve converged.",
+    "gradex_loss": "The loss GradEx linearizes.",
+    "estimator": "How F^(s) was estimated: simulate (the recorded run's optimizer on the linearized model) "
+    "or proximal.",
+    "gradex_adam_as": "What an Adam-type optimizer became in the simulation (preconditioned: features "
+    "harvested with the run's second moments).",
+    "gradex_calibrate": "The constant taken from the observed all-tasks run (effect: estimated changes from "
+    "W0 scaled to the observed all-tasks loss; rankings unchanged).",
+    "gradex_exact_readout": "Target columns whose first-order loss change was read exactly, without the "
+    "random projection.",
+    "gradex_effect_scale": "Per target column, the factor of the effect calibration (none: not applied).",
 }
 
 

@@ -453,6 +453,7 @@ class FeatureStore:
             readout=readout,
             readout_columns=columns,
             preconditioned=bool((data.get("meta") or {}).get("preconditioned", False)),
+            projection_draws=int((data.get("projector") or {}).get("draws", 1)),
         )
 
     def _readout(self, split: str, shards: list, keep: np.ndarray, verify: bool):
