@@ -307,7 +307,10 @@ def _breast_cancer(n_random: int = 200, K: int = 10, p: float = 0.8) -> Problem:
                           "tasks": f"k-means (K = {K}, random_state 0) of the 455 standardized training points",
                           "task_sizes": np.bincount(task, minlength=K).tolist(),
                           "target": "mean log-loss of the 114 test points", "batch_seeds": "none (exact refits)",
-                          "gradex_w0": "0 (the refits' cold start); exact Jacobians of the margin"})
+                          "gradex_w0": "0 (the refits' cold start); exact Jacobians of the margin",
+                          "gradex_features": "exact 31-dim Jacobians of the margin at W0 = 0 (no projection, no "
+                                             "optimizer: the refit is a Newton solve, so no run record and "
+                                             "AnalysisConfig()'s estimator='auto' takes GradEx's proximal solve)"})
 
 
 # -- a tiny problem for the smoke test -------------------------------------------------------------

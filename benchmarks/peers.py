@@ -54,12 +54,12 @@ from _peers_classics import PeakRSS, grad_cos_affinity, gradex_default, kernelsm
 from _peers_problems import PROBLEMS, load_problem  # noqa: E402
 
 ROOT = os.path.join("runs", "peers")
-# the 422k-parameter transformer, dattri's CPU path: a short list (the time budget of this pass: in
-# the previous pass TRAK took 85-270 s per projection, Grad-Dot 147 s, TracIn 552 s on addition, and
-# dattri's EK-FAC was stopped after 7.5 min without finishing; this pass's cache was lost and the
-# rerun had ~1.5 h of one shared core for everything)
-MODULAR_METHODS = ["trak_p512", "grad_dot", "grad_cos"]
-MODULAR_QUAD_METHODS = ["trak_p512", "grad_cos"]
+# the 422k-parameter transformer, dattri's CPU path: a short list (the time budget of this pass:
+# TRAK took 60-120 s per projection, Grad-Dot / Grad-Cos ~130-150 s, TracIn ~370 s; TRAK 2048 and the
+# IF solvers left out: dattri's EK-FAC was stopped after 7.5 min on addition without finishing in an
+# earlier pass; this pass's cache was lost and the rerun had ~1.5 h of one shared core for everything)
+MODULAR_METHODS = ["trak_p128", "trak_p512", "grad_dot", "grad_cos", "tracin"]
+MODULAR_QUAD_METHODS = ["trak_p128", "trak_p512", "grad_dot", "grad_cos", "tracin"]
 # per-sample budgets: (attributed training samples per task, target samples, Hessian samples, methods)
 BUDGETS = {
     "project": dict(n_per_task=None, n_targets=None, n_hessian=512, only=None),
@@ -392,6 +392,11 @@ def format_sweep(results: dict, prefixes=("kf_ekfac", "kf_kfac")) -> str:
              "modular_quad": "mod. quad"}
     for p in probs:
         res = results["problems"][p]
+        ms, nc = res["rows"]["minus_size"], res["rows"]["noise_ceiling"]
+        lines.append(f"| {short[p]} | minus_size (-\\|s\\|) | {_fmt(ms.get('tuning_lds'))} | {_fmt(ms.get('lds'))} | "
+                     f"{_fmt(ms.get('within_size'))} | {_fmt(ms.get('loo_spearman'))} | 0 |")
+        lines.append(f"| {short[p]} | noise_ceiling | – | " + (" | ".join(_fmt(nc.get(k)) for k in (
+            "lds", "within_size", "loo_spearman")) if "lds" in nc else "1 (exact refits) | 1 | 1") + " | – |")
         for n, r in res["rows"].items():
             if n.endswith("_mean") or not n.startswith(prefixes):
                 continue
@@ -479,11 +484,11 @@ def main(argv=None):
             "modular_shortened": "the per-method cache of the previous pass was lost and this rerun had about 1.5 h of "
                                  "one shared CPU core (another benchmark on the other) for everything: on the "
                                  "422k-parameter transformer only the dattri methods in budget_per_sample_methods.only "
-                                 "ran (addition: TRAK 512, Grad-Dot, Grad-Cos; quadratic: TRAK 512, Grad-Cos). Not "
-                                 "run on modular: TRAK 128 / 2048, TracIn (552 s on addition in the previous pass), "
-                                 "and every dattri influence-function solver (its EK-FAC at damping 0.1 was stopped "
-                                 "after 7.5 min on addition without finishing in the previous pass). Kronfluence's "
-                                 "EK-FAC / KFAC ran on both operations (about 2 min per operation for the whole sweep)",
+                                 "ran (both operations: TRAK 128 / 512, Grad-Dot, Grad-Cos, TracIn; 60-370 s each). "
+                                 "Not run on modular: TRAK 2048 and every dattri influence-function solver (its EK-FAC "
+                                 "at damping 0.1 was stopped after 7.5 min on addition without finishing in the "
+                                 "previous pass; CG, LiSSA, Arnoldi, DataInf not started). Kronfluence's EK-FAC / KFAC "
+                                 "ran on both operations (about 2 min per operation for the whole sweep)",
         },
         "problems": out,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
