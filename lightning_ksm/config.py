@@ -201,7 +201,9 @@ class HarvestConfig(_Settings):
         "rademacher, identity (no projection: tiny models only), factorized (per-layer Kronecker "
         "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
         "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
-    proj_dim: int = setting(1024, "projection dimension k (of each draw)", int_at_least(1))
+    proj_dim: int = setting(1024, "projection dimension k (of each draw); when the selected parameters have "
+                            "no more than k entries, their exact gradients are stored instead (no projection)",
+                            int_at_least(1))
     proj_draws: int = setting(
         2, "independent projections of size proj_dim harvested side by side; GradEx estimates with "
         "each and averages (measured: the projection's noise is what limits the estimate; "

@@ -125,10 +125,13 @@ class HarvestRunner:
         self.rank, self.world, self.progress = rank, world, progress
         self.forward_fn, self.weights, self.meta = forward_fn, weights, dict(meta or {})
         self.params = select_parameters(model, include=self.config.include, exclude=self.config.exclude)
-        draws = {} if self.config.projection in ("identity", "factorized") else {"draws": self.config.proj_draws}
-        self.projector = projector_for_model(model, self.config.projection, self.config.proj_dim, self.config.proj_seed,
-                                             **draws,
-                                             params=self.params)
+        kind = self.config.projection
+        d = sum(p.numel() for n, p in model.named_parameters() if n in set(self.params))
+        if kind in ("sjlt", "gaussian", "rademacher") and self.config.proj_dim >= d:
+            kind = "identity"  # k >= d: the exact gradients are smaller than any projection of them
+        draws = {} if kind in ("identity", "factorized") else {"draws": self.config.proj_draws}
+        self.projector = projector_for_model(model, kind, None if kind == "identity" else self.config.proj_dim,
+                                             self.config.proj_seed, **draws, params=self.params)
         self.shards_computed = 0
         self.shards_skipped = 0
         self.completeness: dict | None = None  # the store's completeness after this rank's run
