@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -c "import torch; print(torch.__version__)" | sed 's/+.*//' | sed 's/^/torch==/' > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,rl,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps "kronfluence==1.0.1"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision 2>/dev/null || true
 	touch $(STAMP)
 
 demo: $(STAMP)
