@@ -13,9 +13,9 @@ replicated here so TracIn gets its checkpoints and TAG its lookahead), the per-s
 - ``modular_add`` / ``modular_quad``: recipes/modular_arithmetic.py (FULL), W0 seed 0, 100 subsets
   (50 tuning, 50 evaluation), 2 batch seeds each, cached by the same harness.
 
-GradEx's features (``Problem.features``) are the ones the callback harvests by default: the
-preconditioned sjlt-256 margin features with the exact target readout, cached by the fidelity
-harness (``_callback_features``), and ``Problem.run`` the watched run's record with its observed
+GradEx's features (``Problem.features``) are the ones the callback harvests by default
+(``HarvestConfig().proj_dim`` x ``proj_draws`` SJLT margin features, preconditioned, with the exact
+target readout), cached by the fidelity harness (``_callback_features``), and ``Problem.run`` the watched run's record with its observed
 all-tasks loss (``final_losses``: the effect calibration of ``AnalysisConfig()``).
 - ``breast_cancer``: the Figure-1 logistic regression (recipes/breast_cancer_loo.py) made a task
   problem here: the 455 training points grouped into K = 10 tasks by k-means (seed 0) on the
@@ -91,15 +91,17 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _callback_features(fdir, key, w0_model, source_batches, target_batches, exp_avg_sq, steps, beta2, own_dir):
+def _callback_features(fdir, keys, w0_model, source_batches, target_batches, exp_avg_sq, steps, beta2, own_dir):
     """The features the callback harvests by default, from the fidelity harness's cache: the
-    preconditioned source features ``source-<key>.npz`` with the exact target readout
-    (``readout-pre.npz``; computed here into ``own_dir`` when the harness has not cached it: the
-    harness's own ``readout_cached``, same inputs), the preconditioned target features. Returns
-    ``(features, note)``."""
-    from gradex_fidelity import _load_feats, preconditioner_scale, readout_cached, with_readout
+    preconditioned source features ``source-<key>.npz`` of each projection draw (``keys``: one per
+    draw, stacked side by side as the callback stores them: ``gradex_fidelity.stacked``) with the
+    exact target readout (``readout-pre.npz``; computed here into ``own_dir`` when the harness has
+    not cached it: the harness's own ``readout_cached``, same inputs), the preconditioned target
+    features. Returns ``(features, note)``."""
+    from gradex_fidelity import _load_feats, preconditioner_scale, readout_cached, stacked, with_readout
 
-    src, tgt = (_load_feats(os.path.join(fdir, f"{s}-{key}.npz")) for s in ("source", "target"))
+    src = stacked([_load_feats(os.path.join(fdir, f"source-{k}.npz")) for k in keys])
+    tgt = stacked([_load_feats(os.path.join(fdir, f"target-{k}.npz")) for k in keys])
     path = os.path.join(fdir, "readout-pre.npz")
     where = "the fidelity harness's cache"
     if not os.path.exists(path):
@@ -111,10 +113,22 @@ def _callback_features(fdir, key, w0_model, source_batches, target_batches, exp_
     else:
         scale = preconditioner_scale(exp_avg_sq, steps, beta2, 1e-8)
         r, cols, seconds = readout_cached(path, w0_model(), source_batches(), target_batches(), scale)
-    note = (f"the callback's defaults: {key} features (preconditioned by the watched run's Adam second moments) "
-            f"with the exact target readout ({where}; {seconds:.0f} s), analysis AnalysisConfig() = simulate, "
-            "calibrate='effect' on the observed all-tasks loss")
+    note = (f"the callback's defaults (HarvestConfig proj_dim x proj_draws): {' + '.join(keys)} features "
+            f"(preconditioned by the watched run's Adam second moments; {len(keys)} projection draw(s) side by side, "
+            f"GradEx averaging over them) with the exact target readout ({where}; {seconds:.0f} s), analysis "
+            "AnalysisConfig() = simulate, calibrate='effect' on the observed all-tasks loss")
     return (with_readout(src, r, cols), replace(tgt, preconditioned=True)), note
+
+
+def _default_keys(fdir, pattern):
+    """The callback's default harvest (HarvestConfig().proj_dim, .proj_draws) as fidelity-cache keys,
+    and whether every file is there."""
+    from lightning_ksm.config import HarvestConfig
+
+    h = HarvestConfig()
+    keys = [pattern.format(k=h.proj_dim, d=d) for d in range(getattr(h, "proj_draws", 1))]
+    have = all(os.path.exists(os.path.join(fdir, f"{s}-{k}.npz")) for k in keys for s in ("source", "target"))
+    return keys, have and os.path.exists(os.path.join(fdir, "readout-pre.npz"))
 
 
 # -- project ---------------------------------------------------------------------------------------
@@ -158,8 +172,11 @@ def _project() -> Problem:
     model, opt, steps = train_loop()
     obs_loss = prob.target_loss(model)
     fdir = os.path.join(root, "seed0", "features")
+    keys, default = _default_keys(fdir, "sjlt{k}-margin-pre-d{d}")
+    if not default:  # the callback-default harvest not cached yet: the previous default (k = 256, one draw)
+        keys = ["sjlt256-margin-pre"]
     feats, feature_note = _callback_features(
-        fdir, "sjlt256-margin-pre", lambda: prob.model(),
+        fdir, keys, lambda: prob.model(),
         lambda: [(x, y, [prob.task_names[t] for t in ts]) for x, y, ts in prob.batches("source")],
         lambda: [(x, y, ["target"] * len(ts)) for x, y, ts in prob.batches("target")],
         {n: opt.state[q]["exp_avg_sq"] for n, q in model.named_parameters()}, steps, 0.999,
@@ -174,14 +191,14 @@ def _project() -> Problem:
                    retrain_seconds=float(np.mean([r.seconds for r in tr["reals"]])),
                    notes={"design": "all tasks, 10 leave-one-out, 60 random Bernoulli(0.8); tuning = first 30 "
                                     "random, evaluation = last 30 random", "batch_seeds": [0, 1, 2],
-                          "planted": {"harmful": [0, 1], "helpful": [2, 3]}, "gradex_features": feature_note})
+                          "planted": {"harmful": [0, 1], "helpful": [2, 3]}, "gradex_features": feature_note,
+                          "gradex_features_default": default, "gradex_features_keys": keys})
 
 
 # -- modular arithmetic ----------------------------------------------------------------------------
 def _modular(op: str) -> Problem:
     from _fidelity_truth import batch_seeds, modular_truth
     from gradex_fidelity import _load_feats, modular_run_record
-    from lightning_ksm.config import HarvestConfig
     from recipes import modular_arithmetic as ma
 
     cfg = replace(ma.FULL, n_subsets=100)
@@ -228,17 +245,15 @@ def _modular(op: str) -> Problem:
 
     model = ma.new_model(cfg, 0)
     fdir = os.path.join(run_dir, "features")
-    k0 = HarvestConfig().proj_dim  # what the callback harvests by default
-    key = f"sjlt{k0}-pre-d0"
-    default = all(os.path.exists(os.path.join(fdir, f))
-                  for f in (f"source-{key}.npz", f"target-{key}.npz", "readout-pre.npz"))
+    keys, default = _default_keys(fdir, "sjlt{k}-pre-d{d}")
     if default:
-        feats, feature_note = _callback_features(fdir, key, None, None, None, None, None, None, None)
+        feats, feature_note = _callback_features(fdir, keys, None, None, None, None, None, None, None)
     else:  # the harness has not (yet) cached the callback-default features: the old plain ones, said so
-        feats = tuple(_load_feats(os.path.join(fdir, f"{s}-sjlt{cfg.proj_dim}-d0.npz")) for s in ("source", "target"))
-        feature_note = (f"NOT the callback's defaults: {fdir}/{{source,target}}-{key}.npz and readout-pre.npz were not "
-                        f"cached by the fidelity harness in time, so the plain sjlt{cfg.proj_dim} margin features "
-                        "(no preconditioning, no exact readout) with AnalysisConfig()")
+        keys = [f"sjlt{cfg.proj_dim}-d0"]
+        feats = tuple(_load_feats(os.path.join(fdir, f"{s}-{keys[0]}.npz")) for s in ("source", "target"))
+        feature_note = (f"NOT the callback's defaults: the fidelity harness had not cached them in {fdir}, so the "
+                        f"plain sjlt{cfg.proj_dim} margin features (no preconditioning, no exact readout) with "
+                        "AnalysisConfig()")
     tr_pos, te_pos = data.train, data.test
     return Problem(f"modular_{op}", list(data.group_names), S, F_seeds, np.arange(m // 2), np.arange(m // 2, m),
                    None, None, model, final, data.tokens[tr_pos], data.labels[tr_pos], data.groups[tr_pos],
@@ -247,7 +262,8 @@ def _modular(op: str) -> Problem:
                    retrain_seconds=float(np.mean([r.seconds for r in tr["reals"]])),
                    notes={"design": f"{m} Bernoulli(0.9) subsets of 25 tasks; tuning = first {m // 2}, evaluation = "
                                     f"last {m - m // 2}", "batch_seeds": batch_seeds(0, 2), "w0_seed": 0,
-                          "gradex_features": feature_note, "gradex_features_default": default})
+                          "gradex_features": feature_note, "gradex_features_default": default,
+                          "gradex_features_keys": keys})
 
 
 # -- breast cancer ---------------------------------------------------------------------------------

@@ -207,10 +207,10 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
                                  "replay": {k: v for k, v in tag.items() if k != "tag"},
                                  "note": "TAG: 1 - L_target(optimizer lookahead on the task's batch samples) / "
                                          "L_target, mean over the watched run's steps; seconds = the lookaheads"}
-    # KernelSM and GradEx (the project's own); cached per feature variant (the callback's defaults or not)
+    # KernelSM and GradEx (the project's own); cached per feature set (the cache files they were read from)
     if p.features is not None and ours:
         SP = p.S.astype(bool)
-        variant = "" if p.notes.get("gradex_features_default", True) else "_plain_features"
+        variant = "@" + "+".join(p.notes["gradex_features_keys"]) if p.notes.get("gradex_features_keys") else ""
 
         def ksm():
             pred, report = kernelsm(p, SP)
