@@ -87,6 +87,19 @@ def score_prediction(p, pred, loo_pred=None) -> dict:
     return out
 
 
+def _add_per_sample_rows(rows: dict, p, res: dict, family: str) -> None:
+    """One row per per-sample method run (task scores by sum), plus its ``_mean`` aggregation."""
+    for name, r in res.items():
+        base = {"family": family, "seconds": r["seconds"], "hyper": r["hyper"], "budget": r["info"],
+                "peak_rss_extra_bytes": r.get("peak_rss_extra_bytes")}
+        if r["scores"] is None:
+            rows[name] = {**base, "error": r["info"]["error"]}
+            continue
+        rows[name] = {**score_tasks(p, r["scores"]["sum"]), **base, "task_scores": r["scores"]["sum"]}
+        rows[name + "_mean"] = {**score_tasks(p, r["scores"]["mean"]), **base, "aggregation": "mean",
+                                "task_scores": r["scores"]["mean"]}
+
+
 def score_tasks(p, a) -> dict:
     a = np.asarray(a, dtype=np.float64)
     return score_prediction(p, -(p.S @ a), a)
@@ -237,15 +250,7 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
     log(f"[{p.name}] dattri methods")
     dcache = Cache(os.path.join(cache_dir, "dattri.json"))
     res = run_per_sample(p, checkpoints=ckpts, log=log, cache=dcache, **budget)
-    for name, r in res.items():
-        base = {"family": "dattri", "seconds": r["seconds"], "hyper": r["hyper"], "budget": r["info"],
-                "peak_rss_extra_bytes": r.get("peak_rss_extra_bytes")}
-        if r["scores"] is None:
-            rows[name] = {**base, "error": r["info"]["error"]}
-            continue
-        rows[name] = {**score_tasks(p, r["scores"]["sum"]), **base, "task_scores": r["scores"]["sum"]}
-        rows[name + "_mean"] = {**score_tasks(p, r["scores"]["mean"]), **base, "aggregation": "mean",
-                                "task_scores": r["scores"]["mean"]}
+    _add_per_sample_rows(rows, p, res, "dattri")
     # Kronfluence (EK-FAC, KFAC), the same samples, targets and aggregation as the dattri rows
     from _peers_kronfluence import available, run_kronfluence
 
@@ -256,15 +261,7 @@ def run_problem(p, budget: dict, cache_dir: str, log=print, tag_every: int = 1, 
         kbudget = {k: v for k, v in budget.items() if k != "only"}
         res = run_kronfluence(p, cache=kcache, log=log, workdir=os.path.join(cache_dir, "kronfluence_work"),
                               **kbudget, **(kronfluence or {}))
-        for name, r in res.items():
-            base = {"family": "kronfluence", "seconds": r["seconds"], "hyper": r["hyper"], "budget": r["info"],
-                    "peak_rss_extra_bytes": r.get("peak_rss_extra_bytes")}
-            if r["scores"] is None:
-                rows[name] = {**base, "error": r["info"]["error"]}
-                continue
-            rows[name] = {**score_tasks(p, r["scores"]["sum"]), **base, "task_scores": r["scores"]["sum"]}
-            rows[name + "_mean"] = {**score_tasks(p, r["scores"]["mean"]), **base, "aggregation": "mean",
-                                    "task_scores": r["scores"]["mean"]}
+        _add_per_sample_rows(rows, p, res, "kronfluence")
     elif why is not None:
         log(f"[{p.name}] kronfluence not run: {why}")
     return {"rows": rows, "best_of_sweeps": best_of_sweeps(rows), "notes": p.notes, "K": p.K,
