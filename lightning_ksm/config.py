@@ -202,7 +202,8 @@ class HarvestConfig(_Settings):
         "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
         "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
     proj_dim: int = setting(1024, "projection dimension k (of each draw); when the selected parameters have "
-                            "no more than k entries, their exact gradients are stored instead (no projection)",
+                            "no more than k x proj_draws entries, their exact gradients are stored instead "
+                            "(no projection)",
                             int_at_least(1))
     proj_draws: int = setting(
         2, "independent projections of size proj_dim harvested side by side; GradEx estimates with "

@@ -127,8 +127,8 @@ class HarvestRunner:
         self.params = select_parameters(model, include=self.config.include, exclude=self.config.exclude)
         kind = self.config.projection
         d = sum(p.numel() for n, p in model.named_parameters() if n in set(self.params))
-        if kind in ("sjlt", "gaussian", "rademacher") and self.config.proj_dim >= d:
-            kind = "identity"  # k >= d: the exact gradients are smaller than any projection of them
+        if kind in ("sjlt", "gaussian", "rademacher") and self.config.proj_dim * self.config.proj_draws >= d:
+            kind = "identity"  # k x draws >= d: the exact gradients are no larger than the projections
         draws = {} if kind in ("identity", "factorized") else {"draws": self.config.proj_draws}
         self.projector = projector_for_model(model, kind, None if kind == "identity" else self.config.proj_dim,
                                              self.config.proj_seed, **draws, params=self.params)
