@@ -52,6 +52,7 @@ from lightning_ksm.config import AnalysisConfig, HarvestConfig  # noqa: E402
 from lightning_ksm.estimation import estimate_subsets, gradex, simulate  # noqa: E402
 from lightning_ksm.features import HarvestedFeatures  # noqa: E402
 from lightning_ksm.harvesting import exact_readout, harvest, projector_for_model  # noqa: E402
+from lightning_ksm.harvesting.readout import preconditioned_projector  # noqa: E402
 from lightning_ksm.quality import heldout_scores  # noqa: E402
 from lightning_ksm.surrogates import KernelSurrogate  # noqa: E402
 from recipes import modular_arithmetic as ma  # noqa: E402
@@ -129,11 +130,8 @@ def harvest_cached(path, model, batches_fn, *, projection, k, seed, mode, scale=
     if os.path.exists(path):
         return _load_feats(path), json.load(open(path + ".json"))["seconds"]
     proj = projector_for_model(model, projection, k, seed)
-    if scale is not None and projection == "factorized":
-        proj = proj.preconditioned(scale)  # folded into the factors (rank-one per matrix)
-    elif scale is not None:
-        base = proj.project
-        proj.project = lambda grads: base({n: g * scale[n].to(g.dtype) for n, g in grads.items()})
+    if scale is not None:
+        proj = preconditioned_projector(proj, scale)
     start = time.perf_counter()
     feats = harvest(model, batches_fn(), projector=proj, mode=mode, task_names=task_names, chunk_size=128)
     seconds = time.perf_counter() - start
@@ -531,8 +529,7 @@ def project_one(seed, args, log):
             else:
                 proj = make_projector(kind, shapes, k, 0)
                 if sc:
-                    base = proj.project
-                    proj.project = lambda grads, base=base: base({n: g * scale[n].to(g.dtype) for n, g in grads.items()})
+                    proj = preconditioned_projector(proj, scale)
                 t = time.perf_counter()
                 f = harvest(model, batches(split)(), projector=proj, mode=mode, chunk_size=256,
                             task_names=names if split == "source" else None)

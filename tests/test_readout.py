@@ -238,3 +238,30 @@ def test_projection_draws_are_independent_projectors_and_their_estimates_are_ave
     each = [simulate(src.draw(i), tgt.draw(i), S, run).losses for i in range(2)]
     np.testing.assert_allclose(got.losses, np.mean(each, axis=0), rtol=1e-10)
     assert got.extras["projection_draws"] == 2
+
+
+def test_with_more_groups_than_columns_only_all_is_read_out_and_it_is_the_same():
+    model, (x, y, _), (xt, yt, tt) = _problem(6)
+    full, cols = exact_readout(model, [(x, y)], [(xt[:20], yt[:20], tt[:20]), (xt[20:], yt[20:], tt[20:])])
+    few, few_cols = exact_readout(model, [(x, y)], [(xt[:20], yt[:20], tt[:20]), (xt[20:], yt[20:], tt[20:])],
+                                  max_columns=2)
+    assert cols == ["t0", "t1", "all"] and few_cols == ["all"]
+    np.testing.assert_allclose(few[:, :, 0], full[:, :, 2], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_draws_and_readout_shapes_are_named():
+    from lightning_ksm.config import AnalysisConfig
+    from lightning_ksm.estimation import estimate_subsets
+    from lightning_ksm.features import HarvestedFeatures
+    from lightning_ksm.harvesting.projection import make_projector
+
+    model, data, target = _problem(7)
+    src, src_r, tgt = _features(model, data, target, "identity", None)
+    two = dataclasses.replace(src, jacobians=np.concatenate([src.jacobians] * 2, axis=-1), projection_draws=2)
+    with pytest.raises(ValueError, match="projection draws"):
+        estimate_subsets(two, tgt, sample_subsets(4, 10, p=0.6, seed=0), AnalysisConfig(), run=RUNS["sgd_momentum"])
+    with pytest.raises(ValueError, match="proj_draws"):
+        make_projector("factorized", {n: p.shape for n, p in model.named_parameters()}, 8, 0, draws=2)
+    with pytest.raises(ValueError, match="readout"):
+        HarvestedFeatures(outputs=src.outputs, jacobians=src.jacobians, labels=src.labels, task_ids=src.task_ids,
+                          task_names=src.task_names, readout=np.zeros((3, 1, 1)), readout_columns=["all"])

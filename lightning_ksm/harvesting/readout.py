@@ -16,6 +16,7 @@ then ``"all"`` (every target sample), the same columns GradEx reports. The targe
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch.func import functional_call, jvp
 from ..task_ids import normalize_task_id
 from .outputs import scalarize
 
-__all__ = ["ReadoutBuilder", "adam_preconditioner", "exact_readout", "READOUT_MODES"]
+__all__ = ["ReadoutBuilder", "adam_preconditioner", "exact_readout", "preconditioned_projector", "READOUT_MODES"]
 
 READOUT_MODES = ("margin", "logits", "regression", "logistic")
 
@@ -53,19 +54,34 @@ def adam_preconditioner(optimizer, named_params: Mapping[str, torch.Tensor]) -> 
     return out
 
 
+def preconditioned_projector(projector, scale: Mapping[str, torch.Tensor]):
+    """The projection of ``scale * grad`` (per parameter, elementwise): a copy of ``projector``
+    whose ``project`` scales first; the factorized projection folds the scale into its factors
+    instead (rank one per matrix, :meth:`FactorizedProjector.preconditioned`)."""
+    if projector.kind == "factorized":
+        return projector.preconditioned(scale)
+    scaled, base = copy.copy(projector), projector.project
+    scaled.project = lambda grads: base({n: g * scale[n].to(g) for n, g in grads.items()})
+    return scaled
+
+
 class ReadoutBuilder:
     """Collects the target gradients (:meth:`add_target`), then reads source batches (:meth:`source`).
 
     ``engine``: the harvest engine (its W0 tensors ``const``/``sel`` and functional model ``fmodel``);
     ``mode``: the output mode name; ``scale``: the per-parameter preconditioner square root (the
-    features were projected from ``scale * grad``; the directions get ``scale ** 2``), or None.
+    features were projected from ``scale * grad``; the directions get ``scale ** 2``), or None;
+    ``max_columns``: with more target groups than ``max_columns - 1`` only ``"all"`` is read out
+    exactly (and, from the group that passes the limit on, one backward pass per batch is enough).
     """
 
-    def __init__(self, engine, mode: str, scale: Optional[Mapping[str, torch.Tensor]] = None):
+    _ALL = object()  # the key of the single running sum once the groups are too many
+
+    def __init__(self, engine, mode: str, scale: Optional[Mapping[str, torch.Tensor]] = None, max_columns: int = 8):
         if mode not in READOUT_MODES:
             raise ValueError(f"the exact readout needs one of the output modes {READOUT_MODES}, got {mode!r}")
         self.engine, self.mode = engine, mode
-        self.scale = scale
+        self.scale, self.max_columns = scale, max_columns
         self._sums: dict = {}
         self._counts: dict = {}
         self.columns: list = []
@@ -99,8 +115,12 @@ class ReadoutBuilder:
         with torch.no_grad():
             g = self._loss_gradient(out.detach(), labels).to(out.dtype)
         groups = [normalize_task_id(t) for t in task_ids]
+        if self._ALL not in self._sums and len(set(self._sums) | set(groups)) > self.max_columns - 1:
+            self._collapse()
+        if self._ALL in self._sums:
+            groups = [self._ALL] * len(groups)
         for value in dict.fromkeys(groups):
-            mask = torch.as_tensor([t == value for t in groups], device=out.device)
+            mask = torch.as_tensor([t is value or t == value for t in groups], device=out.device)
             weighted = (out[mask] * g[mask]).sum()
             grads = torch.autograd.grad(weighted, list(sel.values()), retain_graph=True, allow_unused=True)
             acc = self._sums.setdefault(value, {n_: torch.zeros_like(t) for n_, t in self.engine.sel.items()})
@@ -109,16 +129,24 @@ class ReadoutBuilder:
                     acc[name] += gr.detach()
             self._counts[value] = self._counts.get(value, 0) + int(mask.sum())
 
-    def finish_targets(self, order: Optional[list] = None, max_columns: int = 8) -> list:
-        """Fix the columns (target groups in ``order``, then ``"all"``); with more groups than
-        ``max_columns - 1`` only ``"all"`` is read out exactly. Returns the column names."""
+    def _collapse(self) -> None:
+        """From here on only the sum over every target sample is kept."""
+        total = {n: torch.zeros_like(t) for n, t in self.engine.sel.items()}
+        for sums in self._sums.values():
+            for n, v in sums.items():
+                total[n] += v
+        self._sums, self._counts = {self._ALL: total}, {self._ALL: sum(self._counts.values())}
+
+    def finish_targets(self, order: Optional[list] = None) -> list:
+        """Fix the columns (target groups in ``order``, then the rest sorted, then ``"all"``; only
+        ``"all"`` when the groups were more than ``max_columns - 1``). Returns the column names."""
         if not self._sums:
             raise ValueError("the exact readout saw no target samples")
-        groups = [v for v in (order or []) if v in self._sums]  # the store's order, then the rest
-        groups += [v for v in sorted(self._sums, key=str) if v not in groups]
+        groups = [v for v in (order or []) if v in self._sums]  # the given order, then the rest
+        groups += [v for v in sorted(self._sums, key=str) if v not in groups and v is not self._ALL]
         total = sum(self._counts.values())
         cols, dirs = [], []
-        if len(groups) <= max_columns - 1:
+        if self._ALL not in self._sums:
             for v in groups:
                 cols.append(str(v))
                 dirs.append({n: s / self._counts[v] for n, s in self._sums[v].items()})
@@ -157,14 +185,14 @@ def exact_readout(model, source_batches, target_batches, *, mode: str = "margin"
     names = select_parameters(model, params=params)
     first = next(iter(model.parameters()))
     engine = Engine(model, names, mode, None, weights, forward_fn, first.device, 64)
-    builder = ReadoutBuilder(engine, mode, scale)
+    builder = ReadoutBuilder(engine, mode, scale, max_columns=max_columns)
     training = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
             for batch in target_batches:
                 builder.add_target(batch[0], batch[1], list(batch[2]))
-            builder.finish_targets(order=task_order, max_columns=max_columns)
+            builder.finish_targets(order=task_order)
             parts = [builder.source(batch[0], batch[1]) for batch in source_batches]
     finally:
         for m, flag in training:

@@ -21,7 +21,6 @@ runner's reader for that loader (e.g. a target loader read as one group, see
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import warnings
@@ -37,7 +36,7 @@ from ..store import FeatureStore
 from .batches import BatchReader, loader_chunks, take, to_device, tolist
 from .harvest import Harvester
 from .params import projector_for_model, select_parameters
-from .readout import READOUT_MODES, ReadoutBuilder
+from .readout import READOUT_MODES, ReadoutBuilder, preconditioned_projector
 
 PRECONDITIONER_FILE = "preconditioner.pt"  # in the store: a resumed harvest reuses the first one
 
@@ -160,13 +159,7 @@ class HarvestRunner:
 
     def _projector(self):
         scale = self.preconditioner()
-        if scale is None:
-            return self.projector
-        if self.projector.kind == "factorized":  # folded into its factors (rank-one for matrices)
-            return self.projector.preconditioned(scale)
-        scaled, base = copy.copy(self.projector), self.projector.project
-        scaled.project = lambda grads: base({n: g * scale[n].to(g) for n, g in grads.items()})
-        return scaled
+        return self.projector if scale is None else preconditioned_projector(self.projector, scale)
 
     @property
     def device(self) -> torch.device:
@@ -323,7 +316,8 @@ class _LazyReadout:
         scale = runner.preconditioner()
         if scale is not None and runner.projector.kind == "factorized":  # as the features apply it
             scale = self.harvester.projector.effective_scale()
-        builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, scale)
+        builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, scale,
+                                 max_columns=runner.config.exact_readout)
         for split, loader, name, reader in self.entries:
             if split != "target":
                 continue
@@ -337,5 +331,5 @@ class _LazyReadout:
                     raise type(exc)(_where(name, key, index, exc)) from exc
         # columns in a fixed order (not the store's, which grows with the shards): a resumed harvest
         # must name them like the first one did
-        builder.finish_targets(max_columns=runner.config.exact_readout)
+        builder.finish_targets()
         return builder
