@@ -48,7 +48,9 @@ def test_round_trip_memmap_and_task_mapping(tmp_path):
     assert isinstance(single.jacobians, np.memmap)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["projector"] == PROJ and manifest["d"] == 12 and manifest["dtype"] == "float32"
-    assert [s["rows"] for s in manifest["splits"]["source"]["shards"]] == [4, 3]
+    assert manifest["format_version"] == 3 and "splits" not in manifest  # shards live in their own records
+    assert json.loads((tmp_path / "source" / "_records" / "0-1.json").read_text())["rows"] == 3
+    assert [s["rows"] for s in st.manifest()["splits"]["source"]["shards"]] == [4, 3]  # merged on read
     # a reopened store (another process) sees the same data
     again = FeatureStore(tmp_path).load("source")
     np.testing.assert_array_equal(again.jacobians, feats.jacobians)
@@ -81,18 +83,19 @@ def test_float16_option(tmp_path):
         st.write_shard("source", 1, **big, task_ids=np.zeros(6, int), task_values=[0])
 
 
-def test_atomicity_leftovers_and_a_crash_before_the_manifest(tmp_path, monkeypatch):
+def test_atomicity_leftovers_and_a_crash_before_the_record(tmp_path, monkeypatch):
     st = _init(tmp_path)
     a = _shard(3, 0)
     st.write_shard("source", 0, **a, task_ids=np.zeros(3, int), task_values=[0])
-    # leftovers of a crashed writer: a temp file and orphan data files not in the manifest
+    # leftovers of a crashed writer: a temp file and orphan data files without a record
     (tmp_path / "source" / ".1.jacobians.npy.tmp-123-abcd").write_bytes(b"garbage")
+    (tmp_path / "source" / "_records" / ".1.json.tmp-123-abcd").write_bytes(b'{"key": "1"')
     np.save(tmp_path / "source" / "1.outputs.npy", np.zeros(9))
-    # a crash while replacing the manifest: the shard's data is written, but it is not registered
+    # a crash while moving the shard's record into place: its data is written, but it is not registered
     real_replace = os.replace
 
     def failing_replace(src, dst):
-        if str(dst).endswith("manifest.json"):
+        if os.sep + "_records" + os.sep in str(dst):
             raise OSError("disk full")
         return real_replace(src, dst)
 
@@ -101,10 +104,15 @@ def test_atomicity_leftovers_and_a_crash_before_the_manifest(tmp_path, monkeypat
         st.write_shard("source", 2, **_shard(4, 1), task_ids=np.zeros(4, int), task_values=[0])
     monkeypatch.setattr(store_mod.os, "replace", real_replace)
     assert not st.has_shard("source", 2) and not st.has_shard("source", 1)
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the failed manifest temp was removed
+    assert not FeatureStore(tmp_path).has_shard("source", 2)  # nor for another process
+    # the failed record's temp was removed (the crashed writer's older one is still there)
+    assert [p for p in os.listdir(tmp_path / "source" / "_records") if ".tmp-" in p] == [".1.json.tmp-123-abcd"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     f = st.load("source")
     np.testing.assert_array_equal(f.outputs, a["outputs"])
     assert st.shard_keys("source") == ["0"]
+    removed = st.cleanup()
+    assert len(removed) == 2 and not [p for p in os.listdir(tmp_path / "source" / "_records") if ".tmp-" in p]
 
 
 def test_resume_with_has_shard_and_duplicate_keys(tmp_path):
@@ -186,7 +194,7 @@ def test_mismatched_or_corrupted_manifest_errors(tmp_path):
     with pytest.raises(ValueError, match="no shards for split 'target'"):
         st.load("target")
     os.remove(tmp_path / "source" / "0.jacobians.npy")
-    with pytest.raises(ValueError, match="shard '0' of split 'source' is in the manifest but .* is missing"):
+    with pytest.raises(ValueError, match="shard '0' of split 'source' is registered .* but .* is missing"):
         st.load("source")
     (tmp_path / "manifest.json").write_text('{"format": "lightning-ksm-features", "format_ver')
     with pytest.raises(ValueError, match="corrupted manifest .*manifest.json"):

@@ -100,14 +100,20 @@ def test_bit_flips_and_edited_shards_are_detected(tmp_path):
         store.load("source")
 
 
-def test_manifest_shard_keys_are_never_paths_and_malformed_manifests_are_named(tmp_path):
+def test_record_shard_keys_are_never_paths_and_malformed_manifests_are_named(tmp_path):
     store = _complete(tmp_path)
-    data = json.loads((tmp_path / "manifest.json").read_text())
-    data["splits"]["source"]["shards"][0]["key"] = "../../x"
-    (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(CorruptStoreError, match=r"shard key '\.\./\.\./x'.*never followed"):
+    record = tmp_path / "source" / "_records" / "l0-c0.json"
+    good = record.read_text()
+    record.write_text(good.replace('"key":"l0-c0"', '"key":"../../x"'))
+    with pytest.raises(CorruptStoreError, match=r"l0-c0\.json: shard key '\.\./\.\./x'.*never followed"):
         store.load("source")
-    data["splits"] = [1, 2]
+    record.write_text(good)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["k"] = "8"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptStoreError, match="field 'k' must be a positive integer"):
+        store.manifest()
+    data = dict(data, k=8, format_version=2, splits=[1, 2])  # the old format lists shards in the manifest
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CorruptStoreError, match="'splits' must be an object"):
         store.manifest()

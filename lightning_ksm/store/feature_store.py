@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from typing import Any, Sequence
@@ -16,8 +17,8 @@ from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
 from . import plan as _plan
 from .merge import merged_jacobians, sha256_file as _sha256_file
 from .errors import CorruptStoreError, IncompleteHarvestError, StoreError
-from .manifest import (ARRAYS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, all_shards, check_manifest, check_split,
-                       natural_key, shard_key, short)
+from .manifest import (ARRAYS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RECORDS, all_shards, check_manifest,
+                       check_record, check_split, natural_key, plain_name, shard_key, short)
 
 _DTYPES = ("float32", "float16")
 
@@ -27,12 +28,48 @@ __all__ = ["FeatureStore"]
 _check_split, _natural_key, _all_shards, _short = check_split, natural_key, all_shards, short
 
 
+def _read(path: str) -> tuple[bytes, tuple]:
+    """A metadata file's bytes and the signature of what was read. Every manifest or record read
+    goes through here (the tests count this work per shard written)."""
+    with open(path, "rb") as f:
+        return f.read(), _signature(os.fstat(f.fileno()))
+
+
+def _signature(st: os.stat_result) -> tuple:
+    # Files are only ever replaced atomically (a new inode), so a changed file changes this.
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _compact(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+class _Kept:
+    """What a failed shard write leaves, for its error message: counting the stored shards lists
+    every record, so it is done only when the message is actually formatted."""
+
+    def __init__(self, store: "FeatureStore") -> None:
+        self.store = store
+
+    def __str__(self) -> str:
+        try:
+            n = str(sum(len(v) for v in self.store._view().values()))
+        except (OSError, ValueError):
+            n = "earlier"
+        return f"the {n} shards already in the store are kept and a resumed harvest skips them; no partial file is left"
+
+
 class FeatureStore:
-    """An on-disk store of harvested features (see the module docstring for the layout).
+    """An on-disk store of harvested features (see the package docstring for the layout).
 
     ``dtype`` is the on-disk dtype of the Jacobians (``"float32"`` or ``"float16"``); ``None`` means
     the existing store's dtype, or float32 for a new store. Outputs, labels are float32 (labels
     int64 in ``logits`` mode).
+
+    Each object caches what it has read: the manifest (re-read when its file changes) and the
+    parsed shard records (a listing of the record directories finds new or replaced ones; only
+    those are parsed), so per-shard calls (``write_shard``, ``has_shard``, ``shard_info``) cost
+    the same however many shards the store holds.
     """
 
     def __init__(self, directory: str | os.PathLike, *, dtype: str | None = None) -> None:
@@ -40,9 +77,11 @@ class FeatureStore:
             raise ValueError(f"FeatureStore dtype must be one of {_DTYPES}, got {dtype!r}")
         self.directory = os.fspath(directory)
         self._dtype = None if dtype is None else str(np.dtype(dtype))
-        self._checked = None  # the manifest bytes last validated (or written) by this object
+        self._head = None  # (signature, bytes, checked store-level fields) of the manifest last read or written
+        self._legacy: dict = {}  # a format-1/2 manifest's own shard list: {split: {key: record}}
+        self._records: dict = {}  # {split: {key: (signature, record)}}: record files parsed so far
         if self.exists():
-            existing = self.manifest()["dtype"]
+            existing = self._header()["dtype"]
             if self._dtype is not None and self._dtype != existing:
                 raise ValueError(
                     f"feature store {self.directory} holds {existing} jacobians; it was opened with "
@@ -58,39 +97,167 @@ class FeatureStore:
         """Whether a manifest has been written (the store is initialized)."""
         return os.path.exists(self.manifest_path)
 
-    def manifest(self) -> dict:
-        """The manifest as a dict, freshly read and validated (a malformed one: CorruptStoreError)."""
+    def _header(self, *, fresh: bool = False) -> dict:
+        """The manifest's store-level fields (checked; shared, do not modify). Without ``fresh`` an
+        unchanged file costs one stat: ``write_shard`` asks for every shard."""
+        path = self.manifest_path
         try:
-            with open(self.manifest_path, "rb") as f:
-                raw = f.read()
-            data = json.loads(raw.decode("utf-8"))
+            if not fresh and self._head is not None and _signature(os.stat(path)) == self._head[0]:
+                return self._head[2]
+            raw, sig = _read(path)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no feature store at {self.directory} (missing {MANIFEST}); harvest into it first"
             ) from None
+        if self._head is not None and raw == self._head[1]:
+            self._head = (sig,) + self._head[1:]
+            return self._head[2]
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptStoreError(f"corrupted manifest {self.manifest_path}: {exc}") from None
-        if raw == self._checked:  # unchanged since this object checked or wrote it: the field-by-field
-            return data  # check is O(shards), and a harvest reads the manifest for every shard
-        data = check_manifest(data, self.manifest_path)
-        self._checked = raw
+            raise CorruptStoreError(f"corrupted manifest {path}: {exc}") from None
+        data = check_manifest(data, path)
+        legacy = {}
+        if data["format_version"] < 3:  # read as it is; the first write migrates it (_migrate)
+            legacy = {split: {s["key"]: s for s in v["shards"]} for split, v in data["splits"].items()}
+        data.pop("splits", None)
+        self._head, self._legacy = (sig, raw, data), legacy
+        return data
+
+    def manifest(self) -> dict:
+        """The manifest as a dict, freshly read and validated (a malformed one: CorruptStoreError):
+        the store-level fields, with every stored shard merged in as ``splits`` =
+        ``{split: {"shards": [record, ...]}}`` (records in natural key order)."""
+        header = self._header(fresh=True)
+        data = copy.deepcopy(header)
+        data["splits"] = {split: {"shards": [dict(shards[k]) for k in sorted(shards, key=natural_key)]}
+                          for split, shards in sorted(self._view().items())}
         return data
 
     @property
     def dtype(self) -> str:
         """On-disk dtype of the Jacobians."""
-        return self.manifest()["dtype"] if self.exists() else (self._dtype or "float32")
+        return self._header()["dtype"] if self.exists() else (self._dtype or "float32")
 
     def _locked(self):
         os.makedirs(self.directory, exist_ok=True)
         return exclusive_lock(os.path.join(self.directory, ".manifest.lock"))
 
     def _write_manifest(self, data: dict) -> None:
-        # Compact: json's C encoder serves only indent=None, and the manifest is rewritten on every
-        # shard, so an indented one made the harvest's bookkeeping grow as shards^2 in pure Python.
-        text = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        """Write the store-level fields of ``data`` (never ``splits``: shards live in their records);
+        the caller holds the lock."""
+        header = {k: v for k, v in data.items() if k != "splits"}
+        text = _compact(header)
         atomic_write(self.manifest_path, lambda f: f.write(text), mode=None)
-        self._checked = text
+        self._head, self._legacy = (_signature(os.stat(self.manifest_path)), text, json.loads(text)), {}
+
+    def _locked_header(self) -> dict:
+        """A private copy of the freshly read store-level fields, for a caller holding the lock that
+        will rewrite them; a format-1/2 store is migrated first."""
+        data = self._header(fresh=True)
+        if data["format_version"] < FORMAT_VERSION:
+            self._migrate(data)
+            data = self._header(fresh=True)
+        return copy.deepcopy(data)
+
+    def _migrate(self, data: dict) -> None:
+        """Format 1/2 -> 3, under the lock: every shard the old manifest lists gets its record file,
+        then the manifest is rewritten without the list. A crash in between leaves the old manifest
+        and records that repeat its shards (read the same); the next write finishes the migration."""
+        for split, shards in self._legacy.items():
+            for key, shard in shards.items():
+                if not os.path.exists(self._record_path(split, key)):
+                    self._write_record(split, shard)
+        header = dict(data, format_version=FORMAT_VERSION, migrated_from=data.get("migrated_from",
+                                                                                   data["format_version"]))
+        self._write_manifest(header)
+
+    # -- shard records ---------------------------------------------------------------------
+    def _record_path(self, split: str, key: str) -> str:
+        return os.path.join(self.directory, split, RECORDS, f"{key}.json")
+
+    def _write_record(self, split: str, record: dict) -> None:
+        path = self._record_path(split, record["key"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = _compact(record)
+        atomic_write(path, lambda f: f.write(text), mode=None)
+        self._records.setdefault(split, {})[record["key"]] = (_signature(os.stat(path)), json.loads(text))
+
+    def _parse(self, split: str, key: str, path: str) -> dict | None:
+        try:
+            raw, sig = _read(path)
+        except FileNotFoundError:
+            return None
+        record = check_record(raw, path, split, key)
+        self._records.setdefault(split, {})[key] = (sig, record)
+        return record
+
+    def _record(self, split: str, key: str) -> dict | None:
+        """Shard ``key``'s record or None, in O(1): a stat, and a parse only if the file changed."""
+        path = self._record_path(split, key)
+        cached = self._records.get(split, {})
+        try:
+            sig = _signature(os.stat(path))
+        except (FileNotFoundError, NotADirectoryError):
+            cached.pop(key, None)
+            return self._legacy.get(split, {}).get(key)
+        hit = cached.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        record = self._parse(split, key, path)
+        return record if record is not None else self._legacy.get(split, {}).get(key)
+
+    def _view(self, only: str | None = None) -> dict:
+        """The stored shards, ``{split: {key: record}}`` (of split ``only``, if given): the record files
+        merged over a format-1/2 manifest's list. Refreshing is a listing of the record directories
+        and a stat per record; only new or replaced record files are parsed."""
+        self._header()
+        splits = {only: self._legacy.get(only, {})} if only is not None else dict(self._legacy)
+        if only is None:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                with os.scandir(self.directory) as entries:
+                    for entry in entries:
+                        if plain_name(entry.name) and entry.is_dir():
+                            splits.setdefault(entry.name, {})
+        view = {}
+        for split, legacy in splits.items():
+            merged = dict(legacy)
+            merged.update(self._scan(split))
+            if merged:
+                view[split] = merged
+        return view
+
+    def _scan(self, split: str) -> dict:
+        """The record files of ``split`` ({key: record}), the cache refreshed from a listing."""
+        old = self._records.get(split, {})
+        new = {}
+        directory = os.path.join(self.directory, split, RECORDS)
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or not name.endswith(".json"):  # temporaries of writes in progress
+                continue
+            key = name[: -len(".json")]
+            if not plain_name(key):
+                raise CorruptStoreError(f"corrupted feature store: {entry.path} is not a shard record (its name is "
+                                        "not a plain shard key); remove it")
+            try:
+                sig = _signature(entry.stat())
+            except FileNotFoundError:
+                continue
+            hit = old.get(key)
+            if hit is None or hit[0] != sig:
+                try:
+                    raw, sig = _read(entry.path)
+                except FileNotFoundError:
+                    continue
+                hit = (sig, check_record(raw, entry.path, split, key))
+            new[key] = hit
+        self._records[split] = new
+        return {k: v[1] for k, v in new.items()}
 
     def initialize(
         self,
@@ -104,7 +271,8 @@ class FeatureStore:
         """Create the manifest, or check that an existing one describes the same harvest.
 
         A mismatch (a different projector, k, mode, parameter list or task names) raises a
-        ``ValueError`` naming the field, so that incompatible features are never mixed.
+        ``ValueError`` naming the field, so that incompatible features are never mixed. Returns
+        :meth:`manifest`.
         """
         if mode not in OUTPUT_MODES:
             raise ValueError(f"mode must be one of {OUTPUT_MODES}, got {mode!r}")
@@ -127,10 +295,9 @@ class FeatureStore:
         meta = json.loads(json.dumps(dict(meta or {})))
         with self._locked():
             if not self.exists():
-                data = dict(header, output_shape=None, meta=meta, splits={}, harvest=None)
-                self._write_manifest(data)
-                return data
-            data = self.manifest()
+                self._write_manifest(dict(header, output_shape=None, meta=meta, harvest=None))
+                return self.manifest()
+            data = self._locked_header()
             for field in ("k", "mode", "params", "projector", "dtype"):
                 if field == "dtype" and self._dtype is None:
                     continue
@@ -153,35 +320,36 @@ class FeatureStore:
                     f"{data['task_names']}, this harvest uses {names}"
                 )
             if names is not None and data.get("task_names") is None:
-                seen = {v for s in _all_shards(data) for v in s["task_values"]}
+                seen = {v for shards in self._view().values() for s in shards.values() for v in s["task_values"]}
                 unknown = [v for v in seen if v not in names]
                 if unknown:
                     raise ValueError(f"stored shards contain task ids {unknown} not in task_names")
                 data["task_names"] = names
                 self._write_manifest(data)
-            return data
+        return self.manifest()
 
     # -- shards ----------------------------------------------------------------------------
     def splits(self) -> list[str]:
         """Names of the splits with at least one shard."""
-        return [s for s, v in self.manifest()["splits"].items() if v["shards"]]
+        return sorted(self._view())
 
     def shard_keys(self, split: str) -> list[str]:
         """Keys of the shards stored for ``split``, in natural (numeric-aware) order."""
-        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
-        return sorted((s["key"] for s in shards), key=_natural_key)
+        split = _check_split(split)
+        return sorted(self._view(split).get(split, {}), key=_natural_key)
 
     def has_shard(self, split: str, key: Any) -> bool:
         """Whether the shard ``key`` of ``split`` is complete (a resumed harvest can skip it)."""
         return self.shard_info(split, key) is not None
 
     def shard_info(self, split: str, key: Any) -> dict | None:
-        """The manifest record of shard ``key`` of ``split`` (rows, task values, ...), or None."""
+        """The record of shard ``key`` of ``split`` (rows, task values, ...), or None."""
+        split, key = _check_split(split), shard_key(key)
         if not self.exists():
             return None
-        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
-        k = shard_key(key)
-        return next((dict(s) for s in shards if s["key"] == k), None)
+        self._header()  # a migrated or replaced manifest drops the old shard list
+        record = self._record(split, key)
+        return None if record is None else dict(record)
 
     def shard_index(self, split: str, key: Any) -> np.ndarray | None:
         """The per-sample global index stored with a shard (None if it has none)."""
@@ -192,8 +360,8 @@ class FeatureStore:
 
     def n_rows(self, split: str) -> int:
         """Rows stored for ``split`` before de-duplication."""
-        shards = self.manifest()["splits"].get(_check_split(split), {"shards": []})["shards"]
-        return sum(s["rows"] for s in shards)
+        split = _check_split(split)
+        return sum(s["rows"] for s in self._view(split).get(split, {}).values())
 
     def write_shard(
         self,
@@ -210,17 +378,20 @@ class FeatureStore:
         readout_columns: Sequence[str] | None = None,
         overwrite: bool = False,
     ) -> dict:
-        """Write one shard atomically and register it in the manifest; returns its record.
+        """Write one shard atomically and register it (its record file, written last); returns the record.
 
         ``task_ids`` are indices into ``task_values`` (the raw task ids of this shard); with
         ``task_values=None`` they are indices into the store's ``task_names``.
         ``sample_index`` is an optional per-sample global index used by ``load`` to de-duplicate.
         ``readout``: optional ``(n, C, T)`` exact target readout (:mod:`lightning_ksm.harvesting.readout`)
-        of the T columns ``readout_columns``.
+        of the T columns ``readout_columns``. The cost does not depend on the number of stored shards.
         """
         split = _check_split(split)
         key = shard_key(key)
-        data = self.manifest()
+        data = self._header()
+        if data["format_version"] < FORMAT_VERSION:
+            with self._locked():
+                data = self._locked_header()
         outputs = np.asarray(outputs)
         jacobians = np.asarray(jacobians)
         labels = np.asarray(labels)
@@ -258,9 +429,6 @@ class FeatureStore:
             if sample_index.shape != (n,):
                 raise ValueError(f"shard {key!r}: sample_index must have shape ({n},), got {sample_index.shape}")
         label_dtype = np.int64 if data["mode"] == "logits" else np.float32
-        split_dir = os.path.join(self.directory, split)
-        os.makedirs(split_dir, exist_ok=True)
-        prefix = os.path.join(split_dir, key)
         with np.errstate(over="ignore"):  # float16 overflow is reported below
             jac_disk = jacobians.astype(data["dtype"])
         arrays = {
@@ -283,13 +451,16 @@ class FeatureStore:
                 raise ValueError(
                     f"shard {key!r}: jacobians overflow float16 (|value| > 65504); use a float32 store"
                 )
-        if self.has_shard(split, key) and not overwrite:
+        if self._record(split, key) is not None and not overwrite:
             raise ValueError(f"shard {key!r} of split {split!r} already exists (pass overwrite=True)")
-        kept = (f"the {len(all_shards(data))} shards already in the store are kept and a resumed harvest skips "
-                "them; no partial file is left")
+        self._check_output_shape(key, output_shape)
+        split_dir = os.path.join(self.directory, split)
+        os.makedirs(split_dir, exist_ok=True)
+        prefix = os.path.join(split_dir, key)
+        kept = _Kept(self)
         ensure_free_space(split_dir, sum(a.nbytes for a in arrays.values()), what=f"shard {key!r} of split {split!r}",
                           kept=kept)
-        # Data files first (names are unique per key, so ranks never collide), the manifest last.
+        # Data files first (names are unique per key, so ranks never collide), the record last.
         sums = {}
         try:
             for name, arr in arrays.items():
@@ -310,41 +481,49 @@ class FeatureStore:
             "sha256": sums,
             **({"readout_columns": [str(c) for c in readout_columns]} if readout is not None else {}),
         }
-        with self._locked():
-            # Re-read under the lock: other ranks may have added shards meanwhile.
-            data = self.manifest()
-            shards = data["splits"].setdefault(split, {"shards": []})["shards"]
-            if any(s["key"] == key for s in shards) and not overwrite:
+        with self._locked():  # the lock only orders writers of this one key: the work is the same for any store size
+            if not overwrite and os.path.exists(self._record_path(split, key)):
                 raise ValueError(f"shard {key!r} of split {split!r} was written concurrently by another process")
-            if data.get("output_shape") is None:
-                data["output_shape"] = output_shape
-            elif data["output_shape"] != output_shape:
-                raise ValueError(
-                    f"shard {key!r}: outputs have per-sample shape {output_shape}, the store has "
-                    f"{data['output_shape']} (mixing output modes or models?)"
-                )
-            shards[:] = [s for s in shards if s["key"] != key] + [record]
-            self._write_manifest(data)  # last: the shard now exists
-        return record
+            self._write_record(split, record)  # last: the shard now exists
+        return dict(record)
+
+    def _check_output_shape(self, key: str, output_shape: list) -> None:
+        """Every shard has the per-sample output shape recorded with the first one."""
+        stored = self._header().get("output_shape")
+        if stored is None:  # the store's first shard: record its shape (once, under the lock)
+            with self._locked():
+                data = self._locked_header()
+                if data.get("output_shape") is None:
+                    data["output_shape"] = output_shape
+                    self._write_manifest(data)
+                stored = data["output_shape"]
+        if stored != output_shape:
+            raise ValueError(
+                f"shard {key!r}: outputs have per-sample shape {output_shape}, the store has "
+                f"{stored} (mixing output modes or models?)"
+            )
 
     # -- loading ---------------------------------------------------------------------------
     def task_names(self) -> list:
         """The store's task names: fixed at initialization, or the sorted union of stored task ids."""
-        data = self.manifest()
+        data = self._header()
         if data["task_names"] is not None:
             return list(data["task_names"])
-        return canonical_task_names(v for s in _all_shards(data) for v in s["task_values"])
+        return canonical_task_names(v for shards in self._view().values() for s in shards.values()
+                                    for v in s["task_values"])
 
     # -- completeness (see :mod:`.plan`) ----------------------------------------------------
     def register_plan(self, world: int, expected: dict) -> None:
         """Record what a complete harvest is before writing shards (or check it against the record)."""
         with self._locked():
-            self._write_manifest(_plan.register_plan(self.manifest(), world, expected))
+            self._write_manifest(_plan.register_plan(self._locked_header(), world, expected))
 
     def finish_rank(self, rank: int, filled: dict | None = None) -> dict:
         """Mark ``rank`` done; returns :meth:`completeness` (complete once the last rank is done)."""
         with self._locked():
-            data = _plan.finish_rank(self.manifest(), rank, filled)
+            data = self._locked_header()
+            data["splits"] = self.manifest()["splits"]  # the status check needs every stored shard
+            data = _plan.finish_rank(data, rank, filled)
             self._write_manifest(data)  # the completion marker, if set, is the last write
         return _plan.status(data)
 
@@ -377,11 +556,11 @@ class FeatureStore:
                 raise CorruptStoreError(f"{where}: {path} does not match its checksum (edited or damaged)")
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise CorruptStoreError(f"{where} is in the manifest but {path} is missing") from None
+            raise CorruptStoreError(f"{where} is registered (its record exists) but {path} is missing") from None
         except (ValueError, EOFError, OSError) as exc:  # empty, short or not a .npy file
             raise CorruptStoreError(f"{where}: {path} is unreadable ({type(exc).__name__}: {exc})") from None
         if arr.ndim == 0 or len(arr) != shard["rows"]:
-            raise CorruptStoreError(f"{where}: {path} has {len(arr) if arr.ndim else 0} rows, the manifest says "
+            raise CorruptStoreError(f"{where}: {path} has {len(arr) if arr.ndim else 0} rows, its record says "
                                     f"{shard['rows']}")
         return arr
 
@@ -466,8 +645,8 @@ class FeatureStore:
 
     def load_index(self, split: str = "source", *, dedup: bool = True) -> np.ndarray | None:
         """The global sample index of each row ``load(split)`` returns (None if none was stored)."""
-        data = self.manifest()
-        shards = sorted(data["splits"].get(split, {"shards": []})["shards"], key=lambda s: natural_key(s["key"]))
+        split = check_split(split)
+        shards = sorted(self._view(split).get(split, {}).values(), key=lambda s: natural_key(s["key"]))
         if not shards or not all(s["has_index"] for s in shards):
             return None
         index = np.concatenate([np.asarray(self._open(split, s, "index")) for s in shards])

@@ -10,7 +10,11 @@ marker, written last). :func:`status` says what is missing, per split, per rank,
 
 A store written shard by shard with :meth:`~lightning_ksm.store.FeatureStore.write_shard` and no
 plan (``harvest`` is null) makes no claim either way; a format-1 store (written before plans
-existed) is treated as possibly incomplete.
+existed, also once migrated to the current format: ``migrated_from`` 1) is treated as possibly
+incomplete.
+
+The functions take the manifest as :meth:`~lightning_ksm.store.FeatureStore.manifest` returns it:
+the store-level fields with every stored shard merged in under ``splits``.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def status(data: dict, *, marker: bool = True) -> dict:
 
     ``complete`` is True, False, or None for a store without a plan (no claim).
     """
-    if data.get("format_version") == 1:
+    if data.get("format_version") == 1 or data.get("migrated_from") == 1:
         return {"recorded": False, "complete": False, "splits": {},
                 "problems": ["the store was written by an earlier lightning-ksm (format 1), which does not "
                              "record whether the harvest is complete"]}
