@@ -4,9 +4,14 @@ For each model, over the same batch (same batch size, one torch thread everywher
 
 - ``plain``: an ordinary training step's forward + backward of the mean loss (the machine's limit:
   no harvest can be cheaper than one backward pass);
-- ``factorized``: ``harvest(projection="factorized")``, margin output: projected per-sample
-  gradients from one batched backward pass (``lightning_ksm.harvesting.factorized``);
-- ``per_sample``: today's default path, ``torch.func`` per-sample gradients + SJLT (k = 256).
+- ``hooks``: the callback's default harvest: SJLT k = 1024 x 2 draws of the exact per-sample
+  gradients, formed layer by layer from hooks on one batched backward pass
+  (``grad_engine="hooks"``, ``lightning_ksm.harvesting.layerwise``);
+- ``per_sample``: the same projection of the same gradients from ``torch.func`` per-sample
+  gradients (``grad_engine="vmap"``; the previous default path): the features are equal;
+- ``factorized``: ``harvest(projection="factorized")`` (k = 256 per parameter, one draw): the
+  Kronecker projection of both sides of each layer's outer products (opt-in: less faithful, see
+  docs/gradex.md).
 
 Models: the modular-arithmetic recipe's transformer (0.4M parameters; its free position
 parameter is excluded from the factorized run, which would otherwise send it through the exact
@@ -38,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODELS = ("modular_transformer", "gpt2_small", "resnet18")
 _SESSIONS: list = []
-PATHS = ("plain", "factorized", "per_sample")
+PATHS = ("plain", "hooks", "per_sample", "factorized")
 
 
 def build(name: str):
@@ -113,10 +118,16 @@ def _step(name: str, path: str):
             model.zero_grad(set_to_none=True)
 
         return step, model, n
-    kind = "factorized" if path == "factorized" else "sjlt"
-    proj = projector_for_model(model, kind, 256, seed=0, exclude=exclude if path == "factorized" else None)
+    if path == "factorized":
+        proj = projector_for_model(model, "factorized", 256, seed=0, exclude=exclude)
+    else:  # the callback's default projection: HarvestConfig's proj_dim x proj_draws
+        from lightning_ksm.config import HarvestConfig
+
+        cfg = HarvestConfig()
+        proj = projector_for_model(model, "sjlt", cfg.proj_dim, seed=0, draws=cfg.proj_draws)
     # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
-    harvester = Harvester(model, projector=proj, forward_fn=forward_fn, chunk_size=8 if path == "per_sample" else n)
+    harvester = Harvester(model, projector=proj, forward_fn=forward_fn, chunk_size=8 if path == "per_sample" else n,
+                          grad_engine="vmap" if path == "per_sample" else "hooks")
     session = harvester.session()  # eval mode etc. for the rest of this process (kept referenced:
     session.__enter__()            # a collected session would restore train mode)
     _SESSIONS.append(session)
@@ -189,17 +200,21 @@ def main() -> None:
     ratios = {}
     for name in MODELS:
         by = {r["path"]: r for r in rows if r["model"] == name and "samples_per_s" in r}
-        if {"plain", "factorized", "per_sample"} <= set(by):
+        if set(PATHS) <= set(by):
+            speed = {p: by[p]["samples_per_s"] for p in PATHS}
             ratios[name] = {
-                "factorized_vs_plain": by["factorized"]["samples_per_s"] / by["plain"]["samples_per_s"],
-                "factorized_vs_per_sample": by["factorized"]["samples_per_s"] / by["per_sample"]["samples_per_s"],
+                "hooks_vs_plain": speed["hooks"] / speed["plain"],
+                "hooks_vs_per_sample": speed["hooks"] / speed["per_sample"],
+                "factorized_vs_plain": speed["factorized"] / speed["plain"],
+                "factorized_vs_per_sample": speed["factorized"] / speed["per_sample"],
             }
     write_results("harvest_throughput", {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/harvest_throughput.py" + (" --quick" if args.quick else ""),
         "threads": 1,
-        "targets": {"factorized_vs_plain": ">= 0.5", "factorized_vs_per_sample (gpt2_small)": ">= 10"},
-        "notes": ["margin output, k = 256 (per parameter for factorized; total for the SJLT per-sample path)",
-                  "timing: the three paths of a model interleaved round by round in one process (the "
+        "targets": {"default harvest vs plain": ">= 0.5", "default harvest vs per_sample (gpt2_small)": ">= 10"},
+        "notes": ["margin output; hooks and per_sample: SJLT k = 1024 x 2 draws (the default; equal features); "
+                  "factorized: k = 256 per parameter, one draw",
+                  "timing: the four paths of a model interleaved round by round in one process (the "
                   "machine is shared), best of 3 rounds after a warm-up; memory: max RSS of one batch of "
                   "each path alone in a fresh process"],
         "rows": rows,

@@ -52,6 +52,7 @@ WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("auto", "adam", "preconditioned")
+GRAD_ENGINES = ("hooks", "vmap")  # how per-sample gradients are formed for a per-sample projection
 PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
 CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
 TARGET_READOUTS = ("exact", "projected")  # how GradEx reads the target's first-order loss change
@@ -210,6 +211,11 @@ class HarvestConfig(_Settings):
         "each and averages (measured: the projection's noise is what limits the estimate; "
         "docs/gradex.md); memory and harvest cost grow with proj_dim x proj_draws", int_at_least(1))
     proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
+    grad_engine: str = setting(
+        "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/identity: hooks (layer "
+        "hooks and one batched backward pass for Linear, Conv2d, Embedding, LayerNorm, BatchNorm, GPT-2 "
+        "Conv1D; other parameters per sample) or vmap (torch.func per sample, the reference path); the "
+        "features are the same", one_of(GRAD_ENGINES), choices=GRAD_ENGINES)
     include: Optional[list] = setting(
         None, "parameter-name patterns to linearize (globs, or 're:' regexes); None: every trainable parameter",
         patterns)
@@ -222,7 +228,8 @@ class HarvestConfig(_Settings):
     precondition: str = setting(
         "auto", "auto: with an Adam-type optimizer, scale the gradients by its second moments (at harvest "
         "time) before the projection, so GradEx simulates the run's preconditioned steps; none: plain "
-        "gradients; the factorized projection is never preconditioned (docs/gradex.md)",
+        "gradients; the factorized projection folds a rank-one approximation of it into its factors "
+        "(docs/gradex.md)",
         one_of(PRECONDITIONS), choices=PRECONDITIONS)
     exact_readout: int = setting(
         8, "target columns whose loss change GradEx reads exactly, without the projection: one "

@@ -113,6 +113,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         proj_dim: Optional[int] = None,
         proj_draws: Optional[int] = None,
         proj_seed: Optional[int] = None,
+        grad_engine: Optional[str] = None,
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         chunk_size: Optional[int] = None,

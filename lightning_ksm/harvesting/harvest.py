@@ -26,6 +26,7 @@ DDP sharding) is :class:`~lightning_ksm.harvesting.runner.HarvestRunner`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -33,11 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import OUTPUT_MODES, HarvestConfig
+from ..config import GRAD_ENGINES, OUTPUT_MODES, HarvestConfig
 from ..features import HarvestedFeatures
 from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
 from .engine import Engine, prepare_tensor, tree_leaves, tree_map
 from .factorized import FactorizedEngine
+from .hooks import HookCoverageError, covered_parameters
+from .layerwise import LayerwiseEngine
 from .outputs import check_labels, check_outputs, stored_labels
 from .params import select_parameters
 from .projection import IdentityProjector, Projector
@@ -120,6 +123,10 @@ class Harvester:
     parameters/buffers (the W0 snapshot). ``forward_fn(model, inputs) -> outputs``: how to call the
     model. ``chunk_size``: per-sample gradients (for logits: sample-class pairs) held at once.
     ``task_names``: the task order; an id not in it raises (default: the ids seen, sorted).
+    ``grad_engine``: how the per-sample gradients are formed for a per-sample projection (sjlt,
+    gaussian, ...): ``"hooks"`` (default) from layer hooks and one batched backward pass for the
+    layers :mod:`.hooks` covers, the rest per sample; ``"vmap"``: ``torch.func`` per sample for all
+    (the reference path). Both give the same features; the factorized projection always uses hooks.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class Harvester:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         device=None,
         task_names: Sequence | None = None,
+        grad_engine: str = "hooks",
     ) -> None:
         if not isinstance(projector, Projector):
             raise TypeError(f"projector must be a Projector (see make_projector), got {type(projector).__name__}")
@@ -175,9 +183,17 @@ class Harvester:
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.model, self.mode, self.projector = model, mode, projector
+        if grad_engine not in GRAD_ENGINES:
+            raise ValueError(f"grad_engine must be one of {GRAD_ENGINES}, got {grad_engine!r}")
+        self._engine_args = (model, self.names, mode, projector, weights, forward_fn, self.device, chunk_size)
         with torch.inference_mode(False):  # W0 copies must be usable by autograd even under validate()
-            engine = FactorizedEngine if projector.kind == "factorized" else Engine
-            self.engine = engine(model, self.names, mode, projector, weights, forward_fn, self.device, chunk_size)
+            if projector.kind == "factorized":
+                self.engine = FactorizedEngine(*self._engine_args)
+            elif (grad_engine == "hooks" and projector.kind != "identity"  # identity: d is tiny, per sample is fine
+                  and covered_parameters(model, self.names)[0]):
+                self.engine = LayerwiseEngine(*self._engine_args)
+            else:
+                self.engine = Engine(*self._engine_args)
         self._n_classes = None
         self._checked = False
 
@@ -215,7 +231,17 @@ class Harvester:
             self._checked = True
         check_labels(self.mode if self.mode_name == "custom" else self.mode_name, labels, n, self._n_classes,
                      batch_index)
-        outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
+        try:
+            outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
+        except HookCoverageError as exc:
+            if not isinstance(self.engine, LayerwiseEngine):
+                raise
+            # Caught on the first chunk, before anything was returned: these parameters go through the
+            # per-sample path instead (same projection, so the features do not change).
+            warnings.warn(f"{exc}; they go through the per-sample path instead", stacklevel=2)
+            with torch.inference_mode(False):
+                self.engine = LayerwiseEngine(*self._engine_args, uncovered=exc.names)
+            outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
         outputs = outputs.detach().cpu().numpy()
         values = self.task_names if self.task_names is not None else canonical_task_names(task_list)
         lookup = {t: i for i, t in enumerate(values)}

@@ -22,6 +22,7 @@ All random kinds preserve inner products in expectation: E[<P g, P h>] = <g, h>.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import warnings
@@ -36,7 +37,7 @@ _DENSE_BLOCK_ENTRIES = 2**22
 _SJLT_BLOCK_COLUMNS = 2**20
 KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factorized")
 
-__all__ = ["Projector", "DrawsProjector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
+__all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
            "make_projector", "projector_from_config", "param_shapes_of", "stable_seed", "KINDS"]
 _ALIASES = {"none": "identity", "dense": "gaussian", "countsketch": "sjlt"}
 
@@ -112,6 +113,7 @@ class Projector:
         self.cache_bytes = int(cache_bytes)
         self._cache: dict[tuple, torch.Tensor] = {}
         self._cached_bytes = 0
+        self.scale: dict[str, torch.Tensor] | None = None  # elementwise factors applied first (with_scale)
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -222,12 +224,35 @@ class Projector:
         lead, rows, dtype, device = self._check_grads(grads)
         out = torch.zeros(rows, self.k, dtype=dtype, device=device)
         for name in self.param_shapes:
-            if self.numels[name] == 0:
-                continue
-            x = grads[name].reshape(rows, self.numels[name]).to(dtype)
-            for b, (c0, c1) in enumerate(self.blocks(name)):
-                out += self._apply_block(x[:, c0:c1], name, b, c0, c1)
+            if self.numels[name]:
+                out += self.project_part(name, grads[name].reshape(rows, self.numels[name]).to(dtype))
         return out.reshape(*lead, self.k)
+
+    def project_part(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One parameter's share ``(rows, k)`` of :meth:`project`, from its flat gradients ``x``
+        ``(rows, numel)``: the projection is a sum over parameters, so the shares add up to it (the
+        layer-hook harvest projects each layer's per-sample gradients this way, one layer at a time)."""
+        if self.scale is not None:
+            x = x * self.scale[name].to(x).reshape(-1)
+        out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
+        for b, (c0, c1) in enumerate(self.blocks(name)):
+            out += self._apply_block(x[:, c0:c1], name, b, c0, c1)
+        return out
+
+    def with_scale(self, scale: Mapping[str, torch.Tensor]) -> "Projector":
+        """The projection of ``scale * grad`` (per parameter, elementwise; e.g. the watched Adam's
+        preconditioner): a copy sharing the generated blocks."""
+        out = copy.copy(self)
+        out.scale = {n: scale[n].detach().reshape(-1) for n in self.param_shapes}
+        return out
+
+    def subset(self, names: Sequence[str]) -> "Projector":
+        """The same maps restricted to the parameters ``names`` (blocks are seeded by parameter
+        name, so each share is identical to this projector's); the scale is kept."""
+        cfg = dict(self.config())
+        cfg["params"] = [[n, list(self.param_shapes[n])] for n in names]
+        out = projector_from_config(cfg, cache_bytes=self.cache_bytes)
+        return out if self.scale is None else out.with_scale(self.scale)
 
     def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
         """Project flat gradients ``(*lead, d)`` laid out as the parameters in :attr:`names` order."""
@@ -365,8 +390,21 @@ class IdentityProjector(Projector):
     def project(self, grads):
         """The flat gradient ``(*lead, d)``: parameters concatenated in :attr:`names` order."""
         lead, rows, dtype, _ = self._check_grads(grads)
-        parts = [grads[n].reshape(rows, self.numels[n]).to(dtype) for n in self.param_shapes]
+        parts = [self._scaled(n, grads[n].reshape(rows, self.numels[n]).to(dtype)) for n in self.param_shapes]
         return torch.cat(parts, dim=1).reshape(*lead, self.k)
+
+    def _scaled(self, name, x):
+        return x if self.scale is None else x * self.scale[name].to(x).reshape(-1)
+
+    def subset(self, names):
+        out = IdentityProjector({n: self.param_shapes[n] for n in names}, seed=self.seed)
+        return out if self.scale is None else out.with_scale(self.scale)
+
+    def project_part(self, name, x):
+        out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
+        offset = sum(self.numels[n] for n in self.names[: self.names.index(name)])
+        out[:, offset: offset + self.numels[name]] = self._scaled(name, x)
+        return out
 
     def _apply_block(self, x, name, block, c0, c1):  # pragma: no cover - project() is overridden
         raise NotImplementedError
@@ -378,33 +416,6 @@ _CLASSES = {
     "sjlt": SJLTProjector,
     "identity": IdentityProjector,
 }
-
-
-class DrawsProjector(Projector):
-    """``draws`` independent projections of size ``k`` (seeds ``seed, seed + 1, ...``), side by side:
-    the output has ``draws x k`` columns, block ``i`` being exactly the projector of seed ``seed + i``.
-    GradEx estimates with each block and averages the estimates (docs/gradex.md: averaging over
-    independent draws is what measured to remove most of the projection's noise)."""
-
-    def __init__(self, kind: str, param_shapes, k: int, seed: int = 0, *, draws: int = 2, **opts):
-        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2:
-            raise ValueError(f"draws must be an int >= 2, got {draws!r}")
-        self.parts = [make_projector(kind, param_shapes, k, seed + i, **opts) for i in range(draws)]
-        first = self.parts[0]
-        super().__init__(param_shapes, k * draws, seed, block_size=first.block_size, cache_bytes=first.cache_bytes)
-        self.kind, self.draws, self.k_draw = first.kind, draws, k
-
-    def config(self) -> dict:
-        cfg = dict(self.parts[0].config())
-        cfg.update({"k": self.k, "k_draw": self.k_draw, "draws": self.draws, "seed": self.seed})
-        return cfg
-
-    def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([p.project(grads) for p in self.parts], dim=-1)
-
-    def clear_cache(self) -> None:
-        for p in self.parts:
-            p.clear_cache()
 
 
 def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts) -> Projector:
@@ -441,6 +452,8 @@ def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts
     if k is None:
         raise ValueError(f"projector kind {kind!r} needs an output dimension k")
     if draws != 1:
+        from .draws import DrawsProjector  # several projectors side by side, built by this function
+
         return DrawsProjector(key, param_shapes, k, seed, draws=draws, **opts)
     return _CLASSES[key](param_shapes, k, seed, **opts)
 

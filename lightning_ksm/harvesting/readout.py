@@ -16,7 +16,6 @@ then ``"all"`` (every target sample), the same columns GradEx reports. The targe
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping, Optional
 
 import numpy as np
@@ -58,11 +57,7 @@ def preconditioned_projector(projector, scale: Mapping[str, torch.Tensor]):
     """The projection of ``scale * grad`` (per parameter, elementwise): a copy of ``projector``
     whose ``project`` scales first; the factorized projection folds the scale into its factors
     instead (rank one per matrix, :meth:`FactorizedProjector.preconditioned`)."""
-    if projector.kind == "factorized":
-        return projector.preconditioned(scale)
-    scaled, base = copy.copy(projector), projector.project
-    scaled.project = lambda grads: base({n: g * scale[n].to(g) for n, g in grads.items()})
-    return scaled
+    return projector.with_scale(scale)
 
 
 class ReadoutBuilder:

@@ -1,0 +1,55 @@
+"""Several independent projections of the same gradients, side by side (``proj_draws``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+
+from .projection import Projector, make_projector
+
+__all__ = ["DrawsProjector"]
+
+
+class DrawsProjector(Projector):
+    """``draws`` independent projections of size ``k`` (seeds ``seed, seed + 1, ...``), side by side:
+    the output has ``draws x k`` columns, block ``i`` being exactly the projector of seed ``seed + i``.
+    GradEx estimates with each block and averages the estimates (docs/gradex.md: averaging over
+    independent draws is what measured to remove most of the projection's noise)."""
+
+    def __init__(self, kind: str, param_shapes, k: int, seed: int = 0, *, draws: int = 2, **opts):
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2:
+            raise ValueError(f"draws must be an int >= 2, got {draws!r}")
+        self.parts = [make_projector(kind, param_shapes, k, seed + i, **opts) for i in range(draws)]
+        first = self.parts[0]
+        super().__init__(param_shapes, k * draws, seed, block_size=first.block_size, cache_bytes=first.cache_bytes)
+        self.kind, self.draws, self.k_draw = first.kind, draws, k
+
+    def config(self) -> dict:
+        cfg = dict(self.parts[0].config())
+        cfg.update({"k": self.k, "k_draw": self.k_draw, "draws": self.draws, "seed": self.seed})
+        return cfg
+
+    def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.project(grads) for p in self.parts], dim=-1)
+
+    def project_part(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.project_part(name, x) for p in self.parts], dim=-1)
+
+    def with_scale(self, scale: Mapping[str, torch.Tensor]) -> "DrawsProjector":
+        out = copy.copy(self)
+        out.parts = [p.with_scale(scale) for p in self.parts]  # each draw scales its own input
+        return out
+
+    def subset(self, names: Sequence[str]) -> "DrawsProjector":
+        out = copy.copy(self)
+        out.parts = [p.subset(names) for p in self.parts]
+        out.param_shapes = {n: self.param_shapes[n] for n in names}
+        out.numels = {n: self.numels[n] for n in names}
+        out.d = sum(out.numels.values())
+        return out
+
+    def clear_cache(self) -> None:
+        for p in self.parts:
+            p.clear_cache()
