@@ -14,7 +14,8 @@ the source/target features differ:
   (seeds 0..d-1) averaged like the SJLT draws;
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
-A default k is chosen by the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
+The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
+float64: the same F^ to a relative 4e-7, ``simulate_precision.json``). A default k is chosen by the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
 are the evaluation halves. Estimates are cached (resumable). Command (2 shared cores):
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/factorized_fidelity.py
@@ -136,6 +137,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, nargs="+", default=[64, 256, 1024], help="factorized budgets per parameter")
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--max-k-draws", type=int, default=1024,
+                    help="skip configurations with k x draws above this (their estimate costs grow with it)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     args = ap.parse_args(argv)
@@ -146,7 +149,8 @@ def main(argv=None):
 
     h = HarvestConfig()
     configs = {"sjlt_default": ("sjlt", h.proj_dim, h.proj_draws)}
-    configs.update({f"factorized{k}x{d}": ("factorized", k, d) for k in args.k for d in args.draws})
+    configs.update({f"factorized{k}x{d}": ("factorized", k, d) for k in args.k for d in args.draws
+                    if k * d <= args.max_k_draws})
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
     summary = summarize(runs)
