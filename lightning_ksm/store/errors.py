@@ -10,8 +10,9 @@ class StoreError(ValueError):
 
 
 class CorruptStoreError(StoreError):
-    """The store's files contradict its manifest: a missing, short, edited or unreadable shard, a
-    malformed manifest, a shard key that is not a plain name, task ids out of range."""
+    """The store's files contradict its manifest or shard records: a missing, short, edited or
+    unreadable shard, a malformed manifest or record (the error names the file), a shard key that
+    is not a plain name, task ids out of range."""
 
 
 class IncompleteHarvestError(StoreError):
