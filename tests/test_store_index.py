@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lightning_ksm.store import CorruptStoreError, FeatureStore, IncompleteHarvestError
-from lightning_ksm.store import feature_store as fs_mod
+from lightning_ksm.store import index as index_mod
 
 K = 5
 PROJ = {"kind": "sjlt", "k": K, "seed": 0}
@@ -162,7 +162,7 @@ def test_a_migration_cut_short_reads_the_same(tmp_path):
     _v2_store(tmp_path)
     st = FeatureStore(tmp_path)
     expected = st.manifest()["splits"]
-    st._write_record("source", st.shard_info("source", "l0-c0"))  # killed after one record, manifest still v2
+    st._index.write_record("source", st.shard_info("source", "l0-c0"))  # killed after one record, manifest still v2
     again = FeatureStore(tmp_path)
     assert again.manifest()["splits"] == expected and again.load("source").n_samples == 6
     again.register_plan(1, {"source": {"l0": {"samples": 6, "shards": {"l0-c0": 3, "l0-c1": 3}}}})  # finishes it
@@ -187,7 +187,7 @@ class _Work:
 
     def __init__(self, monkeypatch):
         self.reads = self.bytes = self.listings = 0
-        real_read, real_scandir, real_listdir = fs_mod._read, os.scandir, os.listdir
+        real_read, real_scandir, real_listdir = index_mod._read, os.scandir, os.listdir
 
         def read(path):
             raw, sig = real_read(path)
@@ -203,7 +203,7 @@ class _Work:
             self.listings += 1
             return real_listdir(*a, **kw)
 
-        monkeypatch.setattr(fs_mod, "_read", read)
+        monkeypatch.setattr(index_mod, "_read", read)
         monkeypatch.setattr(os, "scandir", scandir)
         monkeypatch.setattr(os, "listdir", listdir)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 from typing import Any, Sequence
@@ -11,14 +10,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..features import OUTPUT_MODES, HarvestedFeatures
-from ..fileio import (WriteFailedError, atomic_save_npy, atomic_write, ensure_free_space, exclusive_lock,
-                      is_out_of_space)
+from ..fileio import WriteFailedError, atomic_save_npy, ensure_free_space, is_out_of_space
 from ..task_ids import canonical_task_names, dedup_positions, normalize_task_id
 from . import plan as _plan
 from .merge import merged_jacobians, sha256_file as _sha256_file
 from .errors import CorruptStoreError, IncompleteHarvestError, StoreError
-from .manifest import (ARRAYS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RECORDS, all_shards, check_manifest,
-                       check_record, check_split, natural_key, plain_name, shard_key, short)
+from .index import StoreIndex
+from .manifest import FORMAT_NAME, FORMAT_VERSION, all_shards, check_split, natural_key, shard_key, short
 
 _DTYPES = ("float32", "float16")
 
@@ -26,22 +24,6 @@ __all__ = ["FeatureStore"]
 
 # Old private names, kept for callers inside the package.
 _check_split, _natural_key, _all_shards, _short = check_split, natural_key, all_shards, short
-
-
-def _read(path: str) -> tuple[bytes, tuple]:
-    """A metadata file's bytes and the signature of what was read. Every manifest or record read
-    goes through here (the tests count this work per shard written)."""
-    with open(path, "rb") as f:
-        return f.read(), _signature(os.fstat(f.fileno()))
-
-
-def _signature(st: os.stat_result) -> tuple:
-    # Files are only ever replaced atomically (a new inode), so a changed file changes this.
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _compact(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
 
 class _Kept:
@@ -53,7 +35,7 @@ class _Kept:
 
     def __str__(self) -> str:
         try:
-            n = str(sum(len(v) for v in self.store._view().values()))
+            n = str(sum(len(v) for v in self.store._index.view().values()))
         except (OSError, ValueError):
             n = "earlier"
         return f"the {n} shards already in the store are kept and a resumed harvest skips them; no partial file is left"
@@ -66,10 +48,9 @@ class FeatureStore:
     the existing store's dtype, or float32 for a new store. Outputs, labels are float32 (labels
     int64 in ``logits`` mode).
 
-    Each object caches what it has read: the manifest (re-read when its file changes) and the
-    parsed shard records (a listing of the record directories finds new or replaced ones; only
-    those are parsed), so per-shard calls (``write_shard``, ``has_shard``, ``shard_info``) cost
-    the same however many shards the store holds.
+    Each object caches what it has read (:class:`~lightning_ksm.store.index.StoreIndex`), so
+    per-shard calls (``write_shard``, ``has_shard``, ``shard_info``) cost the same however many
+    shards the store holds.
     """
 
     def __init__(self, directory: str | os.PathLike, *, dtype: str | None = None) -> None:
@@ -77,11 +58,9 @@ class FeatureStore:
             raise ValueError(f"FeatureStore dtype must be one of {_DTYPES}, got {dtype!r}")
         self.directory = os.fspath(directory)
         self._dtype = None if dtype is None else str(np.dtype(dtype))
-        self._head = None  # (signature, bytes, checked store-level fields) of the manifest last read or written
-        self._legacy: dict = {}  # a format-1/2 manifest's own shard list: {split: {key: record}}
-        self._records: dict = {}  # {split: {key: (signature, record)}}: record files parsed so far
+        self._index = StoreIndex(self.directory)  # the manifest and the shard records, cached
         if self.exists():
-            existing = self._header()["dtype"]
+            existing = self._index.header()["dtype"]
             if self._dtype is not None and self._dtype != existing:
                 raise ValueError(
                     f"feature store {self.directory} holds {existing} jacobians; it was opened with "
@@ -91,173 +70,22 @@ class FeatureStore:
     # -- manifest --------------------------------------------------------------------------
     @property
     def manifest_path(self) -> str:
-        return os.path.join(self.directory, MANIFEST)
+        return self._index.manifest_path
 
     def exists(self) -> bool:
         """Whether a manifest has been written (the store is initialized)."""
-        return os.path.exists(self.manifest_path)
-
-    def _header(self, *, fresh: bool = False) -> dict:
-        """The manifest's store-level fields (checked; shared, do not modify). Without ``fresh`` an
-        unchanged file costs one stat: ``write_shard`` asks for every shard."""
-        path = self.manifest_path
-        try:
-            if not fresh and self._head is not None and _signature(os.stat(path)) == self._head[0]:
-                return self._head[2]
-            raw, sig = _read(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no feature store at {self.directory} (missing {MANIFEST}); harvest into it first"
-            ) from None
-        if self._head is not None and raw == self._head[1]:
-            self._head = (sig,) + self._head[1:]
-            return self._head[2]
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptStoreError(f"corrupted manifest {path}: {exc}") from None
-        data = check_manifest(data, path)
-        legacy = {}
-        if data["format_version"] < 3:  # read as it is; the first write migrates it (_migrate)
-            legacy = {split: {s["key"]: s for s in v["shards"]} for split, v in data["splits"].items()}
-        data.pop("splits", None)
-        self._head, self._legacy = (sig, raw, data), legacy
-        return data
+        return self._index.exists()
 
     def manifest(self) -> dict:
         """The manifest as a dict, freshly read and validated (a malformed one: CorruptStoreError):
         the store-level fields, with every stored shard merged in as ``splits`` =
         ``{split: {"shards": [record, ...]}}`` (records in natural key order)."""
-        header = self._header(fresh=True)
-        data = copy.deepcopy(header)
-        data["splits"] = {split: {"shards": [dict(shards[k]) for k in sorted(shards, key=natural_key)]}
-                          for split, shards in sorted(self._view().items())}
-        return data
+        return self._index.manifest()
 
     @property
     def dtype(self) -> str:
         """On-disk dtype of the Jacobians."""
-        return self._header()["dtype"] if self.exists() else (self._dtype or "float32")
-
-    def _locked(self):
-        os.makedirs(self.directory, exist_ok=True)
-        return exclusive_lock(os.path.join(self.directory, ".manifest.lock"))
-
-    def _write_manifest(self, data: dict) -> None:
-        """Write the store-level fields of ``data`` (never ``splits``: shards live in their records);
-        the caller holds the lock."""
-        header = {k: v for k, v in data.items() if k != "splits"}
-        text = _compact(header)
-        atomic_write(self.manifest_path, lambda f: f.write(text), mode=None)
-        self._head, self._legacy = (_signature(os.stat(self.manifest_path)), text, json.loads(text)), {}
-
-    def _locked_header(self) -> dict:
-        """A private copy of the freshly read store-level fields, for a caller holding the lock that
-        will rewrite them; a format-1/2 store is migrated first."""
-        data = self._header(fresh=True)
-        if data["format_version"] < FORMAT_VERSION:
-            self._migrate(data)
-            data = self._header(fresh=True)
-        return copy.deepcopy(data)
-
-    def _migrate(self, data: dict) -> None:
-        """Format 1/2 -> 3, under the lock: every shard the old manifest lists gets its record file,
-        then the manifest is rewritten without the list. A crash in between leaves the old manifest
-        and records that repeat its shards (read the same); the next write finishes the migration."""
-        for split, shards in self._legacy.items():
-            for key, shard in shards.items():
-                if not os.path.exists(self._record_path(split, key)):
-                    self._write_record(split, shard)
-        header = dict(data, format_version=FORMAT_VERSION, migrated_from=data.get("migrated_from",
-                                                                                   data["format_version"]))
-        self._write_manifest(header)
-
-    # -- shard records ---------------------------------------------------------------------
-    def _record_path(self, split: str, key: str) -> str:
-        return os.path.join(self.directory, split, RECORDS, f"{key}.json")
-
-    def _write_record(self, split: str, record: dict) -> None:
-        path = self._record_path(split, record["key"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        text = _compact(record)
-        atomic_write(path, lambda f: f.write(text), mode=None)
-        self._records.setdefault(split, {})[record["key"]] = (_signature(os.stat(path)), json.loads(text))
-
-    def _parse(self, split: str, key: str, path: str) -> dict | None:
-        try:
-            raw, sig = _read(path)
-        except FileNotFoundError:
-            return None
-        record = check_record(raw, path, split, key)
-        self._records.setdefault(split, {})[key] = (sig, record)
-        return record
-
-    def _record(self, split: str, key: str) -> dict | None:
-        """Shard ``key``'s record or None, in O(1): a stat, and a parse only if the file changed."""
-        path = self._record_path(split, key)
-        cached = self._records.get(split, {})
-        try:
-            sig = _signature(os.stat(path))
-        except (FileNotFoundError, NotADirectoryError):
-            cached.pop(key, None)
-            return self._legacy.get(split, {}).get(key)
-        hit = cached.get(key)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-        record = self._parse(split, key, path)
-        return record if record is not None else self._legacy.get(split, {}).get(key)
-
-    def _view(self, only: str | None = None) -> dict:
-        """The stored shards, ``{split: {key: record}}`` (of split ``only``, if given): the record files
-        merged over a format-1/2 manifest's list. Refreshing is a listing of the record directories
-        and a stat per record; only new or replaced record files are parsed."""
-        self._header()
-        splits = {only: self._legacy.get(only, {})} if only is not None else dict(self._legacy)
-        if only is None:
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                with os.scandir(self.directory) as entries:
-                    for entry in entries:
-                        if plain_name(entry.name) and entry.is_dir():
-                            splits.setdefault(entry.name, {})
-        view = {}
-        for split, legacy in splits.items():
-            merged = dict(legacy)
-            merged.update(self._scan(split))
-            if merged:
-                view[split] = merged
-        return view
-
-    def _scan(self, split: str) -> dict:
-        """The record files of ``split`` ({key: record}), the cache refreshed from a listing."""
-        old = self._records.get(split, {})
-        new = {}
-        directory = os.path.join(self.directory, split, RECORDS)
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            entries = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith(".") or not name.endswith(".json"):  # temporaries of writes in progress
-                continue
-            key = name[: -len(".json")]
-            if not plain_name(key):
-                raise CorruptStoreError(f"corrupted feature store: {entry.path} is not a shard record (its name is "
-                                        "not a plain shard key); remove it")
-            try:
-                sig = _signature(entry.stat())
-            except FileNotFoundError:
-                continue
-            hit = old.get(key)
-            if hit is None or hit[0] != sig:
-                try:
-                    raw, sig = _read(entry.path)
-                except FileNotFoundError:
-                    continue
-                hit = (sig, check_record(raw, entry.path, split, key))
-            new[key] = hit
-        self._records[split] = new
-        return {k: v[1] for k, v in new.items()}
+        return self._index.header()["dtype"] if self.exists() else (self._dtype or "float32")
 
     def initialize(
         self,
@@ -293,11 +121,11 @@ class FeatureStore:
             "dtype": self._dtype or "float32",
         }
         meta = json.loads(json.dumps(dict(meta or {})))
-        with self._locked():
+        with self._index.locked():
             if not self.exists():
-                self._write_manifest(dict(header, output_shape=None, meta=meta, harvest=None))
+                self._index.write_manifest(dict(header, output_shape=None, meta=meta, harvest=None))
                 return self.manifest()
-            data = self._locked_header()
+            data = self._index.locked_header()
             for field in ("k", "mode", "params", "projector", "dtype"):
                 if field == "dtype" and self._dtype is None:
                     continue
@@ -320,23 +148,23 @@ class FeatureStore:
                     f"{data['task_names']}, this harvest uses {names}"
                 )
             if names is not None and data.get("task_names") is None:
-                seen = {v for shards in self._view().values() for s in shards.values() for v in s["task_values"]}
+                seen = {v for shards in self._index.view().values() for s in shards.values() for v in s["task_values"]}
                 unknown = [v for v in seen if v not in names]
                 if unknown:
                     raise ValueError(f"stored shards contain task ids {unknown} not in task_names")
                 data["task_names"] = names
-                self._write_manifest(data)
+                self._index.write_manifest(data)
         return self.manifest()
 
     # -- shards ----------------------------------------------------------------------------
     def splits(self) -> list[str]:
         """Names of the splits with at least one shard."""
-        return sorted(self._view())
+        return sorted(self._index.view())
 
     def shard_keys(self, split: str) -> list[str]:
         """Keys of the shards stored for ``split``, in natural (numeric-aware) order."""
         split = _check_split(split)
-        return sorted(self._view(split).get(split, {}), key=_natural_key)
+        return sorted(self._index.view(split).get(split, {}), key=_natural_key)
 
     def has_shard(self, split: str, key: Any) -> bool:
         """Whether the shard ``key`` of ``split`` is complete (a resumed harvest can skip it)."""
@@ -347,8 +175,8 @@ class FeatureStore:
         split, key = _check_split(split), shard_key(key)
         if not self.exists():
             return None
-        self._header()  # a migrated or replaced manifest drops the old shard list
-        record = self._record(split, key)
+        self._index.header()  # a migrated or replaced manifest drops the old shard list
+        record = self._index.record(split, key)
         return None if record is None else dict(record)
 
     def shard_index(self, split: str, key: Any) -> np.ndarray | None:
@@ -361,7 +189,7 @@ class FeatureStore:
     def n_rows(self, split: str) -> int:
         """Rows stored for ``split`` before de-duplication."""
         split = _check_split(split)
-        return sum(s["rows"] for s in self._view(split).get(split, {}).values())
+        return sum(s["rows"] for s in self._index.view(split).get(split, {}).values())
 
     def write_shard(
         self,
@@ -388,10 +216,10 @@ class FeatureStore:
         """
         split = _check_split(split)
         key = shard_key(key)
-        data = self._header()
+        data = self._index.header()
         if data["format_version"] < FORMAT_VERSION:
-            with self._locked():
-                data = self._locked_header()
+            with self._index.locked():
+                data = self._index.locked_header()
         outputs = np.asarray(outputs)
         jacobians = np.asarray(jacobians)
         labels = np.asarray(labels)
@@ -451,9 +279,9 @@ class FeatureStore:
                 raise ValueError(
                     f"shard {key!r}: jacobians overflow float16 (|value| > 65504); use a float32 store"
                 )
-        if self._record(split, key) is not None and not overwrite:
+        if self._index.record(split, key) is not None and not overwrite:
             raise ValueError(f"shard {key!r} of split {split!r} already exists (pass overwrite=True)")
-        self._check_output_shape(key, output_shape)
+        self._index.check_output_shape(key, output_shape)
         split_dir = os.path.join(self.directory, split)
         os.makedirs(split_dir, exist_ok=True)
         prefix = os.path.join(split_dir, key)
@@ -481,50 +309,34 @@ class FeatureStore:
             "sha256": sums,
             **({"readout_columns": [str(c) for c in readout_columns]} if readout is not None else {}),
         }
-        with self._locked():  # the lock only orders writers of this one key: the work is the same for any store size
-            if not overwrite and os.path.exists(self._record_path(split, key)):
+        with self._index.locked():  # the lock only orders writers of this one key: the work is the same for any store size
+            if not overwrite and os.path.exists(self._index.record_path(split, key)):
                 raise ValueError(f"shard {key!r} of split {split!r} was written concurrently by another process")
-            self._write_record(split, record)  # last: the shard now exists
+            self._index.write_record(split, record)  # last: the shard now exists
         return dict(record)
-
-    def _check_output_shape(self, key: str, output_shape: list) -> None:
-        """Every shard has the per-sample output shape recorded with the first one."""
-        stored = self._header().get("output_shape")
-        if stored is None:  # the store's first shard: record its shape (once, under the lock)
-            with self._locked():
-                data = self._locked_header()
-                if data.get("output_shape") is None:
-                    data["output_shape"] = output_shape
-                    self._write_manifest(data)
-                stored = data["output_shape"]
-        if stored != output_shape:
-            raise ValueError(
-                f"shard {key!r}: outputs have per-sample shape {output_shape}, the store has "
-                f"{stored} (mixing output modes or models?)"
-            )
 
     # -- loading ---------------------------------------------------------------------------
     def task_names(self) -> list:
         """The store's task names: fixed at initialization, or the sorted union of stored task ids."""
-        data = self._header()
+        data = self._index.header()
         if data["task_names"] is not None:
             return list(data["task_names"])
-        return canonical_task_names(v for shards in self._view().values() for s in shards.values()
+        return canonical_task_names(v for shards in self._index.view().values() for s in shards.values()
                                     for v in s["task_values"])
 
     # -- completeness (see :mod:`.plan`) ----------------------------------------------------
     def register_plan(self, world: int, expected: dict) -> None:
         """Record what a complete harvest is before writing shards (or check it against the record)."""
-        with self._locked():
-            self._write_manifest(_plan.register_plan(self._locked_header(), world, expected))
+        with self._index.locked():
+            self._index.write_manifest(_plan.register_plan(self._index.locked_header(), world, expected))
 
     def finish_rank(self, rank: int, filled: dict | None = None) -> dict:
         """Mark ``rank`` done; returns :meth:`completeness` (complete once the last rank is done)."""
-        with self._locked():
-            data = self._locked_header()
+        with self._index.locked():
+            data = self._index.locked_header()
             data["splits"] = self.manifest()["splits"]  # the status check needs every stored shard
             data = _plan.finish_rank(data, rank, filled)
-            self._write_manifest(data)  # the completion marker, if set, is the last write
+            self._index.write_manifest(data)  # the completion marker, if set, is the last write
         return _plan.status(data)
 
     def completeness(self) -> dict:
@@ -646,7 +458,7 @@ class FeatureStore:
     def load_index(self, split: str = "source", *, dedup: bool = True) -> np.ndarray | None:
         """The global sample index of each row ``load(split)`` returns (None if none was stored)."""
         split = check_split(split)
-        shards = sorted(self._view(split).get(split, {}).values(), key=lambda s: natural_key(s["key"]))
+        shards = sorted(self._index.view(split).get(split, {}).values(), key=lambda s: natural_key(s["key"]))
         if not shards or not all(s["has_index"] for s in shards):
             return None
         index = np.concatenate([np.asarray(self._open(split, s, "index")) for s in shards])
