@@ -235,3 +235,30 @@ def test_a_recorder_finished_without_start_records_no_optimizer_instead_of_crash
     out = rec.record()
     assert out["steps"] == 3 and out["displacement"] == 0.5 and out.get("optimizer") is None
     assert out["lr_schedule"] is None
+
+
+@pytest.mark.parametrize("rec,adam_as", [
+    ({"type": "SGD", "lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, "auto"),
+    ({"type": "Adam", "lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.01}, "preconditioned"),  # coupled decay
+    ({"type": "AdamW", "lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.01}, "preconditioned"),
+])
+def test_the_gram_matrix_trajectory_equals_the_feature_space_one(setting, monkeypatch, rec, adam_as):
+    """With more feature dims than output rows, simulate runs Z = Jf^T A in the span of the features
+    (the same trajectory at a lower cost); forcing the feature-space run must give the same F^."""
+    import importlib
+
+    sim = importlib.import_module("lightning_ksm.estimation.simulate")  # the module, not the function
+    data, w0, S, _ = setting
+    X, y, t, xt, yt = data
+    model = _net()
+    model.load_state_dict(w0)
+    proj = make_projector("gaussian", {n: p.shape for n, p in model.named_parameters()}, 1024, seed=0)
+    src = harvest(model, [(X, y, t.tolist())], projector=proj, mode="logits", task_names=list(range(K)))
+    tgt = harvest(model, [(xt, yt, [0] * len(yt))], projector=proj, mode="logits")
+    assert len(y) * 2 < 2 * 1024  # n x C rows below 2k: the Gram path applies
+    run = {"optimizer": rec, "steps": 25, "epoch_based": False}
+    dual = simulate(src, tgt, S, run, adam_as=adam_as, dtype=torch.float64).losses
+    monkeypatch.setattr(sim, "_DUAL_MAX_ROWS", 0)
+    primal = simulate(src, tgt, S, run, adam_as=adam_as, dtype=torch.float64).losses
+    np.testing.assert_allclose(dual, primal, rtol=1e-9, atol=1e-12)
+    assert np.ptp(dual[:, -1]) > 0  # the subsets do differ

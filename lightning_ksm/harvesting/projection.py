@@ -34,7 +34,8 @@ CONFIG_VERSION = 1
 DEFAULT_CACHE_BYTES = 256 * 2**20
 # Dense blocks hold at most this many matrix entries (16 MiB in float32) while they are generated.
 _DENSE_BLOCK_ENTRIES = 2**22
-_SJLT_BLOCK_COLUMNS = 2**20
+_SJLT_BLOCK_COLUMNS = 2**20  # columns per seeded block (part of the map: recorded in the config)
+_SJLT_SUB_COLUMNS, _SJLT_SUB_ROWS = 2**12, 16  # how a block is applied (not part of the map)
 KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factorized")
 
 __all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
@@ -277,7 +278,9 @@ class Projector:
         return self.project_flat(eye).T.contiguous()
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def _nbytes(t) -> int:
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
     if t.layout == torch.sparse_csr:
         return sum(_nbytes(x) for x in (t.crow_indices(), t.col_indices(), t.values()))
     return t.numel() * t.element_size()
@@ -351,8 +354,13 @@ class SJLTProjector(Projector):
         signs = torch.randint(0, 2, (cols, self.s), generator=g, dtype=torch.int8).mul_(2).sub_(1)
         return rows, signs
 
-    def _csr(self, name: str, block: int, device) -> torch.Tensor:
+    def _csr_parts(self, name: str, block: int, device) -> list:
+        """The block's matrix as CSR pieces of at most ``_SJLT_SUB_COLUMNS`` columns each."""
         rows, signs = self.buckets(name, block)
+        return [self._csr(rows[c:c + _SJLT_SUB_COLUMNS], signs[c:c + _SJLT_SUB_COLUMNS], device)
+                for c in range(0, rows.shape[0], _SJLT_SUB_COLUMNS)]
+
+    def _csr(self, rows: torch.Tensor, signs: torch.Tensor, device) -> torch.Tensor:
         cols = rows.shape[0]
         flat_rows = rows.reshape(-1).to(torch.int64)
         order = torch.argsort(flat_rows, stable=True)
@@ -367,12 +375,20 @@ class SJLTProjector(Projector):
             return m.to(device)
 
     def _apply_block(self, x, name, block, c0, c1):
-        m = self._cached((name, block, str(x.device)), lambda: self._csr(name, block, x.device))
-        if m.dtype != x.dtype:
-            m = m.to(x.dtype)
+        parts = self._cached((name, block, str(x.device)), lambda: self._csr_parts(name, block, x.device))
+        # In pieces of _SJLT_SUB_COLUMNS columns and _SJLT_SUB_ROWS samples: the sparse product
+        # then reads a slice of x that stays in cache (measured 3-5x faster per sample on CPU than
+        # one product over the whole block; benchmarks/harvest_throughput.py).
+        out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return (m @ x.T).T
+            for j, m in enumerate(parts):
+                if m.dtype != x.dtype:
+                    m = m.to(x.dtype)
+                piece = x[:, j * _SJLT_SUB_COLUMNS: (j + 1) * _SJLT_SUB_COLUMNS]
+                for r in range(0, x.shape[0], _SJLT_SUB_ROWS):
+                    out[r: r + _SJLT_SUB_ROWS] += (m @ piece[r: r + _SJLT_SUB_ROWS].T).T
+        return out
 
 
 class IdentityProjector(Projector):
