@@ -15,7 +15,7 @@ the source/target features differ:
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
 The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
-float64: the same F^ to a relative 4e-7, ``simulate_precision.json``). A default k is chosen by the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
+float64: the same F^ to a relative 1.1e-6, ``simulate_precision.json``). A default k is chosen by the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
 are the evaluation halves. Estimates are cached (resumable). Command (2 shared cores):
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/factorized_fidelity.py

@@ -231,7 +231,7 @@ def simulate(
     ``final_losses`` (the observed target loss of each column) or ``final_loss`` ("all").
     ``use_readout``: use the source features' exact target readout where it applies. ``dtype``:
     of the simulated trajectory (float32: 3-4x faster than float64, and the same F^ to a relative
-    7e-7 on the fidelity harness, ``benchmarks/results/simulate_precision.json``); the target
+    1.1e-6 on the fidelity harness, ``benchmarks/results/simulate_precision.json``); the target
     losses are evaluated in float64 either way. Returns a
     :class:`~lightning_ksm.estimation.estimate.GradExResult` (``lam`` is 0, ``n_iter`` the steps).
     """
