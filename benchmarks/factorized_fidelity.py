@@ -12,10 +12,14 @@ the source/target features differ:
 - ``factorized{k}x{d}``: the factorized projection with budget ``k`` per parameter (a
   ceil(sqrt(k)) x ceil(sqrt(k)) Kronecker block per matrix, rank-one preconditioner), ``d`` draws
   (seeds 0..d-1) averaged like the SJLT draws;
+- ``tensorsketch1024x2``: the tensor sketch (``harvesting/tensorsketch.py``: an SJLT whose hash of a
+  weight entry is structured so that the layer hooks form it from the two sides of each outer
+  product) at the default's size and draws, with the preconditioner's rank-one approximation;
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
 The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
-float64: the same F^ to a relative 1.1e-6, ``simulate_precision.json``). A default k is chosen by the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
+float64: the same F^ to a relative 1.1e-6, ``simulate_precision.json``). A default k is chosen by
+the tuning-half Spearman of W0 seed 0 (both operations); the other numbers
 are the evaluation halves. Estimates are cached (resumable). Command (2 shared cores):
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/factorized_fidelity.py
@@ -57,9 +61,9 @@ def _features(fdir, model, batches, plain, scale, names, kind, k, draws):
                                      projection=kind, k=k, seed=d, mode="margin", scale=scale, task_names=names)
             out.append(f)
             seconds += s
-    if kind == "factorized":  # the readout follows the rank-one scale the factorized features were made with
-        eff = projector_for_model(model, "factorized", k, 0).preconditioned(scale).effective_scale()
-        path = os.path.join(fdir, f"readout-factorized{k}-pre.npz")
+    if kind in ("factorized", "tensorsketch"):  # the readout follows the rank-one scale the features were made with
+        eff = projector_for_model(model, kind, k, 0).with_scale(scale).effective_scale()
+        path = os.path.join(fdir, f"readout-{kind}{k}-pre.npz")
     else:
         eff, path = scale, os.path.join(fdir, "readout-pre.npz")
     r, cols, rsec = gf.readout_cached(path, model, plain("source"), plain("target"), eff)
@@ -151,19 +155,26 @@ def main(argv=None):
     configs = {"sjlt_default": ("sjlt", h.proj_dim, h.proj_draws)}
     configs.update({f"factorized{k}x{d}": ("factorized", k, d) for k in args.k for d in args.draws
                     if k * d <= args.max_k_draws})
+    # the tensor sketch: the default's size and draws, its hash structured so the hooks form it from the
+    # two sides of each outer product (and, with it, the preconditioner's rank-one approximation)
+    configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}"] = ("tensorsketch", h.proj_dim, h.proj_draws)
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
     summary = summarize(runs)
     seed0 = [r for r in runs if r["seed"] == 0]
     choice = {name: float(np.mean([r["rows"][name]["spearman_tuning_half"] for r in seed0]))
               for name in configs if name.startswith("factorized")}
+    ts = f"tensorsketch{h.proj_dim}x{h.proj_draws}"
+    versus = {name: float(np.mean([r["rows"][name]["spearman_tuning_half"] for r in seed0]))
+              for name in ("sjlt_default", ts)}
     write_results("factorized_fidelity", {
         "command": "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/factorized_fidelity.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "design": "gradex_fidelity.py's modular design (2 W0 seeds x 100 subsets x 2 batch seeds; first 50 tune, "
                   "last 50 evaluate); the callback's default estimator on every row; only the features differ",
         "choice": {"rule": "largest mean tuning-half Spearman over both operations, W0 seed 0 only",
-                   "tuning_half_seed0": choice, "chosen": max(choice, key=choice.get)},
+                   "tuning_half_seed0": choice, "chosen": max(choice, key=choice.get),
+                   "tensorsketch_vs_sjlt_tuning_half_seed0": versus},
         "summary_mean_over_w0_seeds": summary,
         "runs": runs,
     })

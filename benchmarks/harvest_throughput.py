@@ -7,6 +7,8 @@ For each model, over the same batch (same batch size, one torch thread everywher
 - ``hooks``: the callback's default harvest: SJLT k = 1024 x 2 draws of the exact per-sample
   gradients, formed layer by layer from hooks on one batched backward pass
   (``grad_engine="hooks"``, ``lightning_ksm.harvesting.layerwise``);
+- ``tensorsketch``: the tensor sketch at the same size and draws through the same hooks, formed from
+  the two sides of each outer product (no per-sample weight gradient; ``harvesting/tensorsketch.py``);
 - ``per_sample``: the same projection of the same gradients from ``torch.func`` per-sample
   gradients (``grad_engine="vmap"``; the previous default path): the features are equal;
 - ``factorized``: ``harvest(projection="factorized")`` (k = 256 per parameter, one draw): the
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODELS = ("modular_transformer", "gpt2_small", "resnet18")
 _SESSIONS: list = []
-PATHS = ("plain", "hooks", "per_sample", "factorized")
+PATHS = ("plain", "hooks", "tensorsketch", "per_sample", "factorized")
 
 
 def build(name: str):
@@ -120,11 +122,12 @@ def _step(name: str, path: str):
         return step, model, n
     if path == "factorized":
         proj = projector_for_model(model, "factorized", 256, seed=0, exclude=exclude)
-    else:  # the callback's default projection: HarvestConfig's proj_dim x proj_draws
+    else:  # the callback's default size: HarvestConfig's proj_dim x proj_draws
         from lightning_ksm.config import HarvestConfig
 
         cfg = HarvestConfig()
-        proj = projector_for_model(model, "sjlt", cfg.proj_dim, seed=0, draws=cfg.proj_draws)
+        kind = "tensorsketch" if path == "tensorsketch" else "sjlt"
+        proj = projector_for_model(model, kind, cfg.proj_dim, seed=0, draws=cfg.proj_draws)
     # Set up once per harvest, as HarvestRunner does; the per-batch cost is what is timed.
     harvester = Harvester(model, projector=proj, forward_fn=forward_fn, chunk_size=8 if path == "per_sample" else n,
                           grad_engine="vmap" if path == "per_sample" else "hooks")
@@ -205,6 +208,8 @@ def main() -> None:
             ratios[name] = {
                 "hooks_vs_plain": speed["hooks"] / speed["plain"],
                 "hooks_vs_per_sample": speed["hooks"] / speed["per_sample"],
+                "tensorsketch_vs_plain": speed["tensorsketch"] / speed["plain"],
+                "tensorsketch_vs_per_sample": speed["tensorsketch"] / speed["per_sample"],
                 "factorized_vs_plain": speed["factorized"] / speed["plain"],
                 "factorized_vs_per_sample": speed["factorized"] / speed["per_sample"],
             }
@@ -213,8 +218,8 @@ def main() -> None:
         "threads": 1,
         "targets": {"default harvest vs plain": ">= 0.5", "default harvest vs per_sample (gpt2_small)": ">= 10"},
         "notes": ["margin output; hooks and per_sample: SJLT k = 1024 x 2 draws (the default; equal features); "
-                  "factorized: k = 256 per parameter, one draw",
-                  "timing: the four paths of a model interleaved round by round in one process (the "
+                  "tensorsketch: k = 1024 x 2 draws; factorized: k = 256 per parameter, one draw",
+                  "timing: the five paths of a model interleaved round by round in one process (the "
                   "machine is shared), best of 3 rounds after a warm-up; memory: max RSS of one batch of "
                   "each path alone in a fresh process"],
         "rows": rows,

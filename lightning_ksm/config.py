@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
-PROJECTIONS = ("sjlt", "gaussian", "rademacher", "identity", "factorized")
+PROJECTIONS = ("sjlt", "gaussian", "rademacher", "tensorsketch", "identity", "factorized")
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
@@ -199,7 +199,9 @@ class HarvestConfig(_Settings):
         one_of(OUTPUT_MODES, callable_ok=True), choices=OUTPUT_MODES)
     projection: str = setting(
         "sjlt", "random projection of the per-sample gradients: sjlt (sparse sign sketch), gaussian, "
-        "rademacher, identity (no projection: tiny models only), factorized (per-layer Kronecker "
+        "rademacher, tensorsketch (a sparse sign sketch with a structured hash: the layer hooks form it "
+        "from both sides of each outer product, no per-sample weight gradient; the preconditioner "
+        "enters as a rank-one approximation per matrix), identity (no projection: tiny models only), factorized (per-layer Kronecker "
         "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
         "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
     proj_dim: int = setting(1024, "projection dimension k (of each draw); when the selected parameters have "

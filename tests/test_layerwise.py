@@ -28,7 +28,8 @@ def _both(model, batches, projector, **kw):
     return vmap, hooks
 
 
-@pytest.mark.parametrize("kind,draws", [("sjlt", 1), ("sjlt", 2), ("gaussian", 1), ("rademacher", 2)])
+@pytest.mark.parametrize("kind,draws", [("sjlt", 1), ("sjlt", 2), ("gaussian", 1), ("rademacher", 2),
+                                        ("tensorsketch", 1), ("tensorsketch", 2)])
 @pytest.mark.parametrize("mode", ["margin", "logits"])
 def test_sequence_model_with_tied_weights_equals_the_per_sample_path(kind, draws, mode):
     torch.manual_seed(0)
@@ -49,9 +50,11 @@ def test_conv_batchnorm_and_the_preconditioner_equal_the_per_sample_path():
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 5, (6,))
     scale = {n: torch.rand_like(p) + 0.5 for n, p in model.named_parameters()}
+    for kind in ("sjlt", "tensorsketch"):
+        proj = preconditioned_projector(projector_for_model(model, kind, 48, seed=0, draws=2), scale)
+        vmap, hooks = _both(model, [(x, y, [0] * 6)], proj, mode="margin")
+        np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-9, atol=1e-12)
     proj = preconditioned_projector(projector_for_model(model, "sjlt", 48, seed=0, draws=2), scale)
-    vmap, hooks = _both(model, [(x, y, [0] * 6)], proj, mode="margin")
-    np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-9, atol=1e-12)
     assert not np.allclose(hooks.jacobians, harvest(model, [(x, y, [0] * 6)], mode="margin",
                            projector=projector_for_model(model, "sjlt", 48, seed=0, draws=2)).jacobians)
 
@@ -82,9 +85,10 @@ def test_gpt2_from_transformers_equals_the_per_sample_path():
 
     tokens = torch.randint(0, 13, (5, 6))
     labels = torch.randint(0, 4, (5,))
-    proj = projector_for_model(model, "sjlt", 64, seed=1, draws=2)
-    vmap, hooks = _both(model, [(tokens, labels, [0] * 5)], proj, forward_fn=last_logits, mode="margin")
-    np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-8, atol=1e-11)
+    for kind in ("sjlt", "tensorsketch"):
+        proj = projector_for_model(model, kind, 64, seed=1, draws=2)
+        vmap, hooks = _both(model, [(tokens, labels, [0] * 5)], proj, forward_fn=last_logits, mode="margin")
+        np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-8, atol=1e-11)
 
 
 def test_the_engine_is_chosen_by_the_setting():
@@ -126,3 +130,44 @@ def test_shares_of_the_parameters_add_up_to_the_projection():
     torch.testing.assert_close(total, proj.project(g))
     sub = proj.subset(["b.weight"])
     torch.testing.assert_close(sub.project({"b.weight": g["b.weight"]}), proj.project_part("b.weight", g["b.weight"].reshape(4, -1)))
+
+
+def test_the_tensor_sketch_of_an_outer_product_is_formed_from_its_sides():
+    from lightning_ksm.harvesting.projection import make_projector, projector_from_config
+
+    torch.manual_seed(0)
+    P = make_projector("tensorsketch", {"w": (7, 5), "e": (11, 6)}, 16, seed=1)
+    scale = {"w": torch.rand(7, 5, dtype=torch.float64) + 0.5, "e": torch.rand(11, 6, dtype=torch.float64) + 0.5}
+    for Q in (P, P.with_scale(scale)):
+        left, right = torch.randn(3, 4, 7, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+        full = torch.einsum("nlr,nlc->nrc", left, right).reshape(3, -1)
+        torch.testing.assert_close(Q.outer_part("w", left, right), Q.project_part("w", full))
+        tokens, delta = torch.randint(0, 11, (3, 4)), torch.randn(3, 4, 6, dtype=torch.float64)
+        grad = torch.zeros(3, 11, 6, dtype=torch.float64).scatter_add_(1, tokens.unsqueeze(-1).expand_as(delta), delta)
+        torch.testing.assert_close(Q.embedding_part("e", tokens, delta), Q.project_part("e", grad.reshape(3, -1)))
+    # the preconditioner of a matrix is applied as its rank-one approximation, and said so
+    eff = P.with_scale(scale).effective_scale()["w"].double()
+    sv = torch.linalg.svdvals(eff)
+    assert sv[1] / sv[0] < 1e-5 and torch.allclose(eff.mean(), scale["w"].mean(), rtol=0.2)
+    assert projector_from_config(P.config()) == P
+
+
+def test_the_tensor_sketch_preserves_inner_products_like_an_sjlt_of_the_same_size():
+    """Per-sample layer gradients are sums of a few outer products: on those, the structured hash
+    must not cost accuracy against an SJLT (the Kronecker projection does: docs/gradex.md)."""
+    from lightning_ksm.harvesting.projection import make_projector
+
+    rows, cols, T, k = 96, 64, 3, 256
+    errors = {"sjlt": [], "tensorsketch": []}
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        a = [torch.randn(T, n, generator=g, dtype=torch.float64) for n in (rows, cols)]
+        b = [x + 0.7 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in a]
+        G1, G2 = a[0].T @ a[1], b[0].T @ b[1]
+        exact = float((G1 * G2).sum())
+        for kind in errors:
+            p = make_projector(kind, {"w": (rows, cols)}, k, seed=seed).project({"w": torch.stack([G1, G2])})
+            errors[kind].append((float(p[0] @ p[1]) - exact) / float(G1.norm() * G2.norm()))
+    rms = {kind: float(np.sqrt(np.mean(np.square(e)))) for kind, e in errors.items()}
+    assert rms["tensorsketch"] < 1.5 * rms["sjlt"] and rms["tensorsketch"] < 3 / np.sqrt(k), rms
+    assert abs(np.mean(errors["tensorsketch"])) < 3 * rms["tensorsketch"] / np.sqrt(30)  # unbiased

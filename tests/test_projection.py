@@ -190,7 +190,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_kinds_and_param_shapes_of():
-    assert set(KINDS) == {"gaussian", "rademacher", "sjlt", "identity", "factorized"}
+    assert set(KINDS) == {"gaussian", "rademacher", "sjlt", "tensorsketch", "identity", "factorized"}
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model[1].bias.requires_grad_(False)
     shapes = param_shapes_of(model)

@@ -25,6 +25,7 @@ class DrawsProjector(Projector):
         first = self.parts[0]
         super().__init__(param_shapes, k * draws, seed, block_size=first.block_size, cache_bytes=first.cache_bytes)
         self.kind, self.draws, self.k_draw = first.kind, draws, k
+        self.structured = first.structured
 
     def config(self) -> dict:
         cfg = dict(self.parts[0].config())
@@ -36,6 +37,15 @@ class DrawsProjector(Projector):
 
     def project_part(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.project_part(name, x) for p in self.parts], dim=-1)
+
+    def outer_part(self, name, left, right):  # the structured sketches' fast paths (tensorsketch)
+        return torch.cat([p.outer_part(name, left, right) for p in self.parts], dim=-1)
+
+    def embedding_part(self, name, tokens, delta):
+        return torch.cat([p.embedding_part(name, tokens, delta) for p in self.parts], dim=-1)
+
+    def effective_scale(self):
+        return getattr(self.parts[0], "effective_scale", lambda: None)()
 
     def with_scale(self, scale: Mapping[str, torch.Tensor]) -> "DrawsProjector":
         out = copy.copy(self)

@@ -35,12 +35,16 @@ class LayerwiseEngine(HookEngine):
         return self.projector.project_part(name, grad.reshape(n, -1))
 
     def _outer(self, name, left, right, n):
+        if self.projector.structured:  # a structured sketch: formed from the two sides
+            return self.projector.outer_part(name, left, right)
         numel = left.shape[-1] * right.shape[-1]
         parts = [self.projector.project_part(name, torch.einsum("nlr,nlc->nrc", left[s:e], right[s:e]).reshape(e - s, -1))
                  for s, e in self._groups(n, numel)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _embedding(self, name, tokens, dl, n, vocab):
+        if self.projector.structured:
+            return self.projector.embedding_part(name, tokens, dl)
         parts = []
         for s, e in self._groups(n, vocab * dl.shape[-1]):
             grad = torch.zeros(e - s, vocab, dl.shape[-1], dtype=dl.dtype, device=dl.device)

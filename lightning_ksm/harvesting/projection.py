@@ -34,7 +34,7 @@ CONFIG_VERSION = 1
 DEFAULT_CACHE_BYTES = 256 * 2**20
 # Dense blocks hold at most this many matrix entries (16 MiB in float32) while they are generated.
 _DENSE_BLOCK_ENTRIES = 2**22
-KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factorized")
+KINDS = ("gaussian", "rademacher", "sjlt", "tensorsketch", "identity", "factorized")
 
 __all__ = ["Projector", "GaussianProjector", "RademacherProjector", "SJLTProjector", "IdentityProjector",
            "make_projector", "projector_from_config", "param_shapes_of", "stable_seed", "KINDS"]
@@ -83,6 +83,9 @@ class Projector:
     """
 
     kind = "base"
+    # True for sketches that form an outer product's share from its two sides (outer_part,
+    # embedding_part: the tensor sketch); the layer hooks then never form per-sample weight gradients.
+    structured = False
 
     def __init__(
         self,
@@ -356,12 +359,14 @@ class IdentityProjector(Projector):
         raise NotImplementedError
 
 
-from .sjlt import SJLTProjector  # noqa: E402  (it subclasses Projector, defined above)
+from .sjlt import SJLTProjector  # noqa: E402  (these subclass Projector, defined above)
+from .tensorsketch import TensorSketchProjector  # noqa: E402
 
 _CLASSES = {
     "gaussian": GaussianProjector,
     "rademacher": RademacherProjector,
     "sjlt": SJLTProjector,
+    "tensorsketch": TensorSketchProjector,
     "identity": IdentityProjector,
 }
 
@@ -392,8 +397,8 @@ def make_projector(kind: str, param_shapes, k: int | None, seed: int = 0, **opts
                                                              if o not in ("block_size", "draws")})
     if key not in _CLASSES:
         raise ValueError(f"unknown projector kind {kind!r}; choose one of {KINDS} (or 'none')")
-    if key != "sjlt" and "s" in opts:
-        raise ValueError(f"option s= applies to the 'sjlt' projector only, not {kind!r}")
+    if key not in ("sjlt", "tensorsketch") and "s" in opts:
+        raise ValueError(f"option s= applies to the 'sjlt' and 'tensorsketch' projectors only, not {kind!r}")
     draws = opts.pop("draws", 1)
     if key == "identity":
         return IdentityProjector(param_shapes, k, seed)
@@ -423,7 +428,7 @@ def projector_from_config(config: Mapping, **runtime_opts) -> Projector:
         return make_projector("factorized", shapes, config["k_param"], config["seed"], **opts)
     if config["kind"] != "identity":
         opts.setdefault("block_size", config.get("block_size"))
-    if config["kind"] == "sjlt":
+    if config["kind"] in ("sjlt", "tensorsketch"):
         opts["s"] = config.get("s", 4)
     if config.get("draws", 1) > 1:
         return make_projector(config["kind"], shapes, config["k_draw"], config["seed"], draws=config["draws"], **opts)

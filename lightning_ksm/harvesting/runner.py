@@ -314,7 +314,7 @@ class _LazyReadout:
     def _build(self) -> ReadoutBuilder:
         runner, device = self.runner, self.harvester.device
         scale = runner.preconditioner()
-        if scale is not None and runner.projector.kind == "factorized":  # as the features apply it
+        if scale is not None and runner.projector.kind in ("factorized", "tensorsketch"):  # as the features apply it
             scale = self.harvester.projector.effective_scale()
         builder = ReadoutBuilder(self.harvester.engine, self.harvester.mode_name, scale,
                                  max_columns=runner.config.exact_readout)
