@@ -81,15 +81,7 @@ def one(cfg, op, seed, configs, log):
     model = gf.ma.new_model(cfg, 0)
     model.load_state_dict(w0)
     names = data.group_names
-
-    def batches(split):
-        pos = data.train if split == "source" else data.test
-
-        def gen():
-            for b in range(0, len(pos), 512):
-                idx = pos[b:b + 512]
-                yield data.tokens[idx], data.labels[idx], [names[int(g)] for g in data.groups[idx]]
-        return gen
+    batches = gf.modular_batches(data)
 
     def plain(split):
         return list(batches(split)())

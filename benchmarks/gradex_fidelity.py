@@ -334,6 +334,22 @@ def modular_run_record(cfg, n_train, obs) -> dict:
             "displacement": obs["displacement"], "lr_schedule": None}
 
 
+def modular_batches(data):
+    """``batches(split)``: a factory of the modular problem's ``(tokens, labels, groups)`` batches of
+    the source (train) or target (test) split."""
+    names = data.group_names
+
+    def batches(split):
+        pos = data.train if split == "source" else data.test
+
+        def gen():
+            for b in range(0, len(pos), 512):
+                idx = pos[b:b + 512]
+                yield data.tokens[idx], data.labels[idx], [names[int(g)] for g in data.groups[idx]]
+        return gen
+    return batches
+
+
 def modular_one(cfg, op, seed, args, log):
     spec = {}
     for item in args.batch_seeds:  # "N" (every op) or "op:N", one per W0 seed (the last repeats)
@@ -349,16 +365,7 @@ def modular_one(cfg, op, seed, args, log):
     model = ma.new_model(cfg, 0)
     model.load_state_dict(w0)
     names = data.group_names
-
-    def batches(split):
-        pos = data.train if split == "source" else data.test
-
-        def gen():
-            for b in range(0, len(pos), 512):
-                idx = pos[b:b + 512]
-                yield data.tokens[idx], data.labels[idx], [names[int(g)] for g in data.groups[idx]]
-        return gen
-
+    batches = modular_batches(data)
     fdir = os.path.join(tr["run_dir"], "features")
     os.makedirs(fdir, exist_ok=True)
     k = cfg.proj_dim
