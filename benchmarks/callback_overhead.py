@@ -7,7 +7,9 @@ alternating exposes both to the same load), best of ``--repeats`` per arm:
 - ``mlp_1m``: a 1.3M-parameter MLP, 8 source tasks, 5 epochs (targets: <= 1.15x);
 - ``small``: a 2.4k-parameter MLP, 6 tasks, 5 epochs (target: fixed costs <= 3 s).
 
-The callback runs with the default harvest (per-sample SJLT) and with ``projection="factorized"``.
+The callback runs with the default harvest (SJLT 1024 x 2 draws of exact per-sample layer gradients
+from layer hooks), with ``projection="tensorsketch"`` (same size, formed from both sides of each
+outer product) and with ``projection="factorized"`` (256 per parameter, one draw).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/callback_overhead.py [--repeats N]
 
@@ -31,7 +33,7 @@ PROJECTS = {
     "mlp_1m": {"dim": 256, "hidden": 1024, "layers": 2, "tasks": 8, "per_task": 256, "epochs": 5},
     "small": {"dim": 16, "hidden": 128, "layers": 1, "tasks": 6, "per_task": 128, "epochs": 5},
 }
-ARMS = ("none", "default", "factorized")
+ARMS = ("none", "default", "tensorsketch", "factorized")
 
 
 def _project(spec: dict, seed: int = 0):
@@ -87,7 +89,8 @@ def fit(spec: dict, arm: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = []
         if arm != "none":
-            extra = {"projection": "factorized", "proj_dim": 256} if arm == "factorized" else {}
+            extra = {"factorized": {"projection": "factorized", "proj_dim": 256},
+                     "tensorsketch": {"projection": "tensorsketch"}}.get(arm, {})
             callbacks.append(TaskAttribution(progress=False, dirpath=f"{tmp}/ksm", raise_on_analysis_error=True, **extra))
         trainer = L.Trainer(max_epochs=spec["epochs"], logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -126,6 +129,8 @@ def main() -> None:
                 "spec": spec, "params": best["none"]["params"], "arms": best,
                 "ratio_default": best["default"]["wall_s"] / base,
                 "ratio_factorized": best["factorized"]["wall_s"] / base,
+                "ratio_tensorsketch": best["tensorsketch"]["wall_s"] / base,
+                "fixed_cost_tensorsketch_s": best["tensorsketch"]["wall_s"] - base,
                 "fixed_cost_default_s": best["default"]["wall_s"] - base,
                 "fixed_cost_factorized_s": best["factorized"]["wall_s"] - base,
             }

@@ -15,6 +15,8 @@ the source/target features differ:
 - ``tensorsketch1024x2``: the tensor sketch (``harvesting/tensorsketch.py``: an SJLT whose hash of a
   weight entry is structured so that the layer hooks form it from the two sides of each outer
   product) at the default's size and draws, with the preconditioner's rank-one approximation;
+- ``sjlt_rank1_1024x2``: the default SJLT of gradients scaled by that rank-one approximation of the
+  preconditioner (which part of a difference is the approximation, which the hash);
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
 The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
@@ -55,15 +57,20 @@ from lightning_ksm.harvesting import projector_for_model  # noqa: E402
 def _features(fdir, model, batches, plain, scale, names, kind, k, draws):
     """(source with readout, target) features of one configuration, harvested or loaded from cache."""
     src, tgt, seconds = [], [], 0.0
+    projection, used = kind, scale
+    if kind == "sjlt_rank1":  # the SJLT of gradients scaled by the preconditioner's rank-one approximation
+        projection = "sjlt"
+        used = projector_for_model(model, "tensorsketch", k, 0).with_scale(scale).effective_scale()
     for d in range(draws):
         for split, out in (("source", src), ("target", tgt)):
             f, s = gf.harvest_cached(os.path.join(fdir, f"{split}-{kind}{k}-pre-d{d}.npz"), model, batches(split),
-                                     projection=kind, k=k, seed=d, mode="margin", scale=scale, task_names=names)
+                                     projection=projection, k=k, seed=d, mode="margin", scale=used,
+                                     task_names=names)
             out.append(f)
             seconds += s
-    if kind in ("factorized", "tensorsketch"):  # the readout follows the rank-one scale the features were made with
-        eff = projector_for_model(model, kind, k, 0).with_scale(scale).effective_scale()
-        path = os.path.join(fdir, f"readout-{kind}{k}-pre.npz")
+    if kind in ("factorized", "tensorsketch", "sjlt_rank1"):  # the readout follows the scale the features were made with
+        eff = projector_for_model(model, projection, k, 0).with_scale(used).effective_scale() if kind != "sjlt_rank1" else used
+        path = os.path.join(fdir, f"readout-{'tensorsketch' if kind == 'sjlt_rank1' else kind}{k}-pre.npz")
     else:
         eff, path = scale, os.path.join(fdir, "readout-pre.npz")
     r, cols, rsec = gf.readout_cached(path, model, plain("source"), plain("target"), eff)
@@ -150,6 +157,8 @@ def main(argv=None):
     # the tensor sketch: the default's size and draws, its hash structured so the hooks form it from the
     # two sides of each outer product (and, with it, the preconditioner's rank-one approximation)
     configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}"] = ("tensorsketch", h.proj_dim, h.proj_draws)
+    # which part of the difference is the rank-one preconditioner: the default SJLT with it
+    configs[f"sjlt_rank1_{h.proj_dim}x{h.proj_draws}"] = ("sjlt_rank1", h.proj_dim, h.proj_draws)
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
     summary = summarize(runs)
