@@ -240,7 +240,7 @@ class Harvester:
             # per-sample path instead (same projection, so the features do not change).
             warnings.warn(f"{exc}; they go through the per-sample path instead", stacklevel=2)
             with torch.inference_mode(False):
-                self.engine = LayerwiseEngine(*self._engine_args, uncovered=exc.names)
+                self.engine = LayerwiseEngine(*self._engine_args, uncovered=exc.names, warn=False)
             outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
         outputs = outputs.detach().cpu().numpy()
         values = self.task_names if self.task_names is not None else canonical_task_names(task_list)

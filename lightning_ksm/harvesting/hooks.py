@@ -99,21 +99,27 @@ class HookEngine:
     what = "layer-hook harvest"
     remedy = "Exclude it with exclude=, or harvest it per sample"
 
-    def __init__(self, model, names, mode, projector, weights, forward_fn, device, chunk_size, uncovered=()):
+    # roles this engine leaves to the per-sample path even though the hooks could form them
+    per_sample_roles: frozenset = frozenset()
+
+    def __init__(self, model, names, mode, projector, weights, forward_fn, device, chunk_size, uncovered=(),
+                 warn=True):
         self.mode, self.projector, self.names, self.chunk_size = mode, projector, list(names), chunk_size
         self.model = model
         covered, fallback = covered_parameters(model, self.names)
-        forced = [n for n in uncovered if n in covered]
+        skip = self.per_sample_roles
+        forced = set(uncovered) | {n for n, uses in covered.items() if any(role in skip for _, role in uses)}
         self.covered = {n: u for n, u in covered.items() if n not in forced}
+        unknown = fallback  # parameters of layers the hooks do not know: worth a warning
         fallback = [n for n in self.names if n not in self.covered]
         # W0 for every tensor, with the selected parameters as leaves that carry a graph.
         base = Engine(model, self.names, mode, projector, weights, forward_fn, device, chunk_size)
         self.const, self.sel, self.fmodel = base.const, base.sel, _Forward(model, forward_fn)
         self.fallback = None
-        if fallback and not forced:
-            share = sum(projector.numels[n] for n in fallback) / max(1, projector.d)
+        if warn and unknown:
+            share = sum(projector.numels[n] for n in unknown) / max(1, projector.d)
             warnings.warn(
-                f"{self.what}: {len(fallback)} selected parameter(s) {fallback[:5]} ({share:.1%} of the "
+                f"{self.what}: {len(unknown)} selected parameter(s) {unknown[:5]} ({share:.1%} of the "
                 "selected weights) belong to layers it does not cover and go through the exact per-sample path, "
                 "which costs a per-sample forward and backward pass; leave them out with exclude= if they "
                 "do not matter", stacklevel=4,
