@@ -1,4 +1,5 @@
-"""The callback, unchanged, on real architectures with the factorized harvest: a transformers GPT-2
+"""The callback, unchanged, on real architectures with each harvest (the default SJLT from layer
+hooks, the tensor sketch, the factorized projection): a transformers GPT-2
 built from a config (random init, no download) and a residual CNN with BatchNorm (the ResNet-18
 building block; torchvision itself does not install beside the project's torch pin here). Each is
 trained on synthetic multi-task data with one planted harmful task (scrambled labels), and the
@@ -50,20 +51,24 @@ def _tasks(inputs, labels, n_per_task, seed):
     return TensorDataset(inputs, y, t)
 
 
-def _fit_and_rank(tmp_path, module, train, val, epochs):
+PROJECTIONS = {"sjlt": {}, "tensorsketch": {"proj_dim": 64}, "factorized": {"proj_dim": 64}}
+
+
+def _fit_and_rank(tmp_path, module, train, val, epochs, projection="factorized"):
     L.seed_everything(0, verbose=False)
-    cb = TaskAttribution(projection="factorized", proj_dim=64, n_subsets=40, progress=False,
-                         raise_on_analysis_error=True, dirpath=str(tmp_path / "ksm"))
+    cb = TaskAttribution(projection=projection, n_subsets=40, progress=False, raise_on_analysis_error=True,
+                         dirpath=str(tmp_path / "ksm"), **PROJECTIONS[projection])
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, callbacks=[cb])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=64))
-    assert cb.report.config["callback"]["projection"] == "factorized"
+    assert cb.report.config["callback"]["projection"] == projection
     return [task for task, _ in cb.report.ranked("all")]
 
 
-def test_gpt2_from_a_config_ranks_the_scrambled_task_last(tmp_path):
+@pytest.mark.parametrize("projection", sorted(PROJECTIONS))
+def test_gpt2_from_a_config_ranks_the_scrambled_task_last(tmp_path, projection):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=12, n_positions=8,
@@ -81,11 +86,12 @@ def test_gpt2_from_a_config_ranks_the_scrambled_task_last(tmp_path):
     train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
     val_x, val_y = data(64, 3)
     val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
-    ranked = _fit_and_rank(tmp_path, Classifier(net, two_way), train, val, epochs=4)
+    ranked = _fit_and_rank(tmp_path, Classifier(net, two_way), train, val, epochs=4, projection=projection)
     assert ranked[-1] == str(HARMFUL), ranked
 
 
-def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path):
+@pytest.mark.parametrize("projection", ["sjlt", "factorized"])
+def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path, projection):
     class Block(nn.Module):
         def __init__(self, c):
             super().__init__()
@@ -107,5 +113,5 @@ def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path):
     train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
     val_x, val_y = data(64, 3)
     val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
-    ranked = _fit_and_rank(tmp_path, Classifier(net), train, val, epochs=4)
+    ranked = _fit_and_rank(tmp_path, Classifier(net), train, val, epochs=4, projection=projection)
     assert ranked[-1] == str(HARMFUL), ranked
