@@ -17,6 +17,8 @@ the source/target features differ:
   product) at the default's size and draws, with the preconditioner's rank-one approximation;
 - ``sjlt_rank1_1024x2``: the default SJLT of gradients scaled by that rank-one approximation of the
   preconditioner (which part of a difference is the approximation, which the hash);
+- ``*_seeds23``: the default and the tensor sketch with a second pair of draws (seeds 2 and 3): the
+  spread between the two pairs is the projection's luck, to be read before any difference of rows;
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
 The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
@@ -54,14 +56,14 @@ from lightning_ksm.estimation import estimate_subsets  # noqa: E402
 from lightning_ksm.harvesting import projector_for_model  # noqa: E402
 
 
-def _features(fdir, model, batches, plain, scale, names, kind, k, draws):
+def _features(fdir, model, batches, plain, scale, names, kind, k, draws, first=0):
     """(source with readout, target) features of one configuration, harvested or loaded from cache."""
     src, tgt, seconds = [], [], 0.0
     projection, used = kind, scale
     if kind == "sjlt_rank1":  # the SJLT of gradients scaled by the preconditioner's rank-one approximation
         projection = "sjlt"
         used = projector_for_model(model, "tensorsketch", k, 0).with_scale(scale).effective_scale()
-    for d in range(draws):
+    for d in range(first, first + draws):  # draw d is the projection of seed d
         for split, out in (("source", src), ("target", tgt)):
             f, s = gf.harvest_cached(os.path.join(fdir, f"{split}-{kind}{k}-pre-d{d}.npz"), model, batches(split),
                                      projection=projection, k=k, seed=d, mode="margin", scale=used,
@@ -100,7 +102,7 @@ def one(cfg, op, seed, configs, log):
     run = gf.modular_run_record(cfg, len(data.train), obs)
     size = S.sum(1).astype(float)
     rows = {"minus_size": gf.score(S, -size, -float(S.shape[1]), truth, obs["losses"]["all"], fit, ev)}
-    for name, (kind, k, draws) in configs.items():
+    for name, (kind, k, draws, *first) in configs.items():
         path = os.path.join(edir, f"{name}.npz")
         if os.path.exists(path):
             z = np.load(path)
@@ -108,7 +110,7 @@ def one(cfg, op, seed, configs, log):
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the free position parameter's fallback
-                src, tgt, hsec = _features(fdir, model, batches, plain, scale, names, kind, k, draws)
+                src, tgt, hsec = _features(fdir, model, batches, plain, scale, names, kind, k, draws, *first)
             cols = gf._order(src, names)
             t = time.perf_counter()
             est = estimate_subsets(src, tgt, gf._with_all(S)[:, cols], AnalysisConfig(), run=run).column("all")
@@ -116,7 +118,8 @@ def one(cfg, op, seed, configs, log):
             np.savez(path + ".tmp.npz", estimate=est, seconds=seconds, dims=dims)
             os.replace(path + ".tmp.npz", path)
         row = gf.score(S, est[:-1], est[-1], truth, obs["losses"]["all"], fit, ev)
-        row.update({"seconds_harvest_readout_estimate": seconds, "dims": dims, "kind": kind, "k": k, "draws": draws})
+        row.update({"seconds_harvest_readout_estimate": seconds, "dims": dims, "kind": kind, "k": k, "draws": draws,
+                    "draw_seeds": list(range(*(first or [0]), (first or [0])[0] + draws))})
         rows[name] = row
         log(f"[{op} seed {seed}] {name}: dims {dims}, tuning {row['spearman_tuning_half']:.2f}, "
             f"evaluation {row['spearman']:.2f} / within size {row['spearman_within_size']:.2f} ({seconds:.0f} s)")
@@ -159,6 +162,10 @@ def main(argv=None):
     configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}"] = ("tensorsketch", h.proj_dim, h.proj_draws)
     # which part of the difference is the rank-one preconditioner: the default SJLT with it
     configs[f"sjlt_rank1_{h.proj_dim}x{h.proj_draws}"] = ("sjlt_rank1", h.proj_dim, h.proj_draws)
+    # a second, independent pair of draws of the default and of the tensor sketch (seeds 2, 3): how
+    # much of a difference between two features is the luck of one pair of projections
+    configs["sjlt_default_seeds23"] = ("sjlt", h.proj_dim, h.proj_draws, 2)
+    configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}_seeds23"] = ("tensorsketch", h.proj_dim, h.proj_draws, 2)
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
     summary = summarize(runs)
