@@ -3,7 +3,10 @@
 GradEx linearizes the model around W0: ``f_W(x) ~ f0(x) + <grad_W f0(x), W - W0>``, restricted to
 the selected parameters and, after a random projection P, ``f0(x) + <P grad f0(x), Z>`` with Z in
 R^k. A :class:`Harvester` computes, for every sample of a batch, ``f0(x)`` and ``P grad f0(x)``
-(see :mod:`.engine`); it is set up once per harvest (parameter selection, projector check, W0
+with one of three engines: :mod:`.layerwise` (the default: layer hooks on one batched backward pass,
+per-sample gradients one layer at a time), :mod:`.engine` (``torch.func`` per sample: the reference,
+and the fallback for parameters the hooks do not cover) or :mod:`.factorized` (its own projection);
+it is set up once per harvest (parameter selection, projector check, W0
 tensors on the device) and then fed batches. Nothing about the model is changed: it is put in eval
 mode while a harvest runs and restored afterwards; parameters, ``.grad``, ``requires_grad`` and the
 torch RNG state are left as they were.
