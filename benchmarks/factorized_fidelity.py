@@ -17,8 +17,9 @@ the source/target features differ:
   product) at the default's size and draws, with the preconditioner's rank-one approximation;
 - ``sjlt_rank1_1024x2``: the default SJLT of gradients scaled by that rank-one approximation of the
   preconditioner (which part of a difference is the approximation, which the hash);
-- ``*_seeds23``: the default and the tensor sketch with a second pair of draws (seeds 2 and 3): the
-  spread between the two pairs is the projection's luck, to be read before any difference of rows;
+- ``*_seeds23``, ``*_seeds45``: the default and the tensor sketch with a second and a third pair of
+  draws: the spread between the pairs is the projection's luck, to be read before any difference of
+  rows (``pairs`` in the JSON: each feature's mean over its three pairs);
 - ``minus_size``: the trivial baseline F^ = -|s|.
 
 The estimates run in ``simulate``'s default float32 (the rows cached before that switch ran in
@@ -164,8 +165,10 @@ def main(argv=None):
     configs[f"sjlt_rank1_{h.proj_dim}x{h.proj_draws}"] = ("sjlt_rank1", h.proj_dim, h.proj_draws)
     # a second, independent pair of draws of the default and of the tensor sketch (seeds 2, 3): how
     # much of a difference between two features is the luck of one pair of projections
-    configs["sjlt_default_seeds23"] = ("sjlt", h.proj_dim, h.proj_draws, 2)
-    configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}_seeds23"] = ("tensorsketch", h.proj_dim, h.proj_draws, 2)
+    for first in (2, 4):
+        tag = f"seeds{first}{first + 1}"
+        configs[f"sjlt_default_{tag}"] = ("sjlt", h.proj_dim, h.proj_draws, first)
+        configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}_{tag}"] = ("tensorsketch", h.proj_dim, h.proj_draws, first)
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
     summary = summarize(runs)
@@ -175,6 +178,11 @@ def main(argv=None):
     ts = f"tensorsketch{h.proj_dim}x{h.proj_draws}"
     versus = {name: float(np.mean([r["rows"][name]["spearman_tuning_half"] for r in seed0]))
               for name in ("sjlt_default", ts)}
+    pairs = {}
+    for base, first_name in (("sjlt_default", "sjlt_default"), (ts, ts)):
+        names_ = [first_name, f"{base}_seeds23", f"{base}_seeds45"]
+        pairs[base] = {op: {m: float(np.mean([summary[op][n][m] for n in names_]))
+                            for m in ("spearman", "spearman_within_size")} for op in summary}
     write_results("factorized_fidelity", {
         "command": "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/factorized_fidelity.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -184,6 +192,7 @@ def main(argv=None):
                    "tuning_half_seed0": choice, "chosen": max(choice, key=choice.get),
                    "tensorsketch_vs_sjlt_tuning_half_seed0": versus},
         "summary_mean_over_w0_seeds": summary,
+        "pairs": pairs,
         "runs": runs,
     })
 

@@ -69,11 +69,13 @@ class TensorSketchProjector(Projector):
         b, sg = self._cached((name, side), make)
         return b.to(device), sg.to(device)
 
-    def _count(self, x: torch.Tensor, name: str, side: str, band: int) -> torch.Tensor:
-        """Count sketch of the last dim of ``x`` (``(..., size)`` -> ``(..., w)``) with one band's hash."""
+    def _count(self, x: torch.Tensor, name: str, side: str) -> torch.Tensor:
+        """Count sketches of the last dim of ``x``, every band at once: ``(..., size)`` -> ``(..., s, w)``."""
         b, sg = self._hash(name, side, x.shape[-1], x.device)
-        out = torch.zeros(*x.shape[:-1], self.w, dtype=x.dtype, device=x.device)
-        return out.index_add_(x.dim() - 1, b[band], x * sg[band].to(x.dtype))
+        flat = (b + torch.arange(self.s, device=x.device)[:, None] * self.w).reshape(-1)
+        values = (x.unsqueeze(-2) * sg.to(x.dtype)).reshape(*x.shape[:-1], -1)
+        out = torch.zeros(*x.shape[:-1], self.s * self.w, dtype=x.dtype, device=x.device)
+        return out.index_add_(x.dim() - 1, flat, values).view(*x.shape[:-1], self.s, self.w)
 
     # -- the preconditioner ----------------------------------------------------------------------
     def with_scale(self, scale: Mapping[str, torch.Tensor]) -> "TensorSketchProjector":
@@ -109,30 +111,28 @@ class TensorSketchProjector(Projector):
         return (left if r is None else left * r.to(left)), right * c.to(right)
 
     # -- sketches --------------------------------------------------------------------------------
-    def _bands(self, spectra) -> torch.Tensor:
-        """Inverse FFT of each band's spectrum, bands side by side, scaled by 1/sqrt(s)."""
-        return torch.cat([torch.fft.irfft(f, n=self.w) for f in spectra], dim=-1) / math.sqrt(self.s)
+    def _bands(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """``(N, s, F)`` spectra -> ``(N, k)``: each band's inverse FFT side by side, times 1/sqrt(s)."""
+        out = torch.fft.irfft(spectrum, n=self.w, dim=-1)
+        return out.reshape(out.shape[0], self.k) / math.sqrt(self.s)
 
     def project_part(self, name: str, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.sides[name]
         G = x.reshape(x.shape[0], rows, cols)
-        ones = torch.ones(rows, dtype=x.dtype, device=x.device)
         if self._factors:
             r, c = self._factors[name]
             G = G * c.to(G)[None, None, :] if r is None else G * torch.outer(r, c).to(G)[None]
-        spectra = []
-        for a in range(self.s):
-            R = torch.fft.rfft(self._count(G, name, "cols", a), dim=-1)  # (N, rows, F)
-            phase = torch.fft.rfft(self._count(torch.diag(ones), name, "rows", a), dim=-1)  # (rows, F)
-            spectra.append(torch.einsum("nrf,rf->nf", R, phase))
-        return self._bands(spectra)
+        R = torch.fft.rfft(self._count(G, name, "cols"), dim=-1)  # (N, rows, s, F)
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        phase = torch.fft.rfft(self._count(eye, name, "rows"), dim=-1)  # (rows, s, F): each row's shift
+        return self._bands(torch.einsum("nrsf,rsf->nsf", R, phase))
 
     def outer_part(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """The share of ``sum_l left_l right_l^T`` (left: ``(N, L, rows)``, right: ``(N, L, cols)``)."""
         left, right = self._scaled(name, left, right)
-        return self._bands([(torch.fft.rfft(self._count(left, name, "rows", a), dim=-1)
-                             * torch.fft.rfft(self._count(right, name, "cols", a), dim=-1)).sum(1)
-                            for a in range(self.s)])
+        spectrum = (torch.fft.rfft(self._count(left, name, "rows"), dim=-1)
+                    * torch.fft.rfft(self._count(right, name, "cols"), dim=-1)).sum(1)
+        return self._bands(spectrum)
 
     def embedding_part(self, name: str, tokens: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The share of an embedding's per-sample gradient ``sum_l e_{t_l} delta_l^T`` (tokens ``(N, L)``)."""
@@ -141,11 +141,7 @@ class TensorSketchProjector(Projector):
             r, c = self._factors[name]
             delta = delta * c.to(delta) * r.to(delta)[tokens].unsqueeze(-1)
         f = torch.arange(self.w // 2 + 1, device=delta.device, dtype=delta.dtype)
-        spectra = []
-        for a in range(self.s):
-            # the spectrum of a signed one-hot at bucket h: sign * exp(-2 pi i f h / w)
-            angle = -2 * math.pi * b[a][tokens].to(delta.dtype).unsqueeze(-1) * f / self.w
-            row = torch.polar(sg[a][tokens].to(delta.dtype).unsqueeze(-1).expand_as(angle).abs(), angle)
-            row = row * sg[a][tokens].to(delta.dtype).unsqueeze(-1)
-            spectra.append((row * torch.fft.rfft(self._count(delta, name, "cols", a), dim=-1)).sum(1))
-        return self._bands(spectra)
+        # the spectrum of a signed one-hot at bucket h: sign * exp(-2 pi i f h / w), per band
+        angle = -2 * math.pi * b[:, tokens].permute(1, 2, 0).to(delta.dtype).unsqueeze(-1) * f / self.w
+        rows = torch.polar(torch.ones_like(angle), angle) * sg[:, tokens].permute(1, 2, 0).to(delta.dtype).unsqueeze(-1)
+        return self._bands((rows * torch.fft.rfft(self._count(delta, name, "cols"), dim=-1)).sum(1))
