@@ -214,10 +214,10 @@ class HarvestConfig(_Settings):
         "docs/gradex.md); memory and harvest cost grow with proj_dim x proj_draws", int_at_least(1))
     proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
     grad_engine: str = setting(
-        "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/identity: hooks (layer "
-        "hooks and one batched backward pass for Linear, Conv2d, Embedding, LayerNorm, BatchNorm, GPT-2 "
-        "Conv1D; other parameters per sample) or vmap (torch.func per sample, the reference path); the "
-        "features are the same", one_of(GRAD_ENGINES), choices=GRAD_ENGINES)
+        "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/tensorsketch: hooks "
+        "(layer hooks and one batched backward pass for Linear, Embedding, LayerNorm, BatchNorm, GPT-2 "
+        "Conv1D, and Conv2d with the tensor sketch; other parameters per sample) or vmap (torch.func per "
+        "sample, the reference path); the features are the same (docs/gradex.md)", one_of(GRAD_ENGINES), choices=GRAD_ENGINES)
     include: Optional[list] = setting(
         None, "parameter-name patterns to linearize (globs, or 're:' regexes); None: every trainable parameter",
         patterns)
