@@ -171,6 +171,16 @@ def main(argv=None):
         configs[f"tensorsketch{h.proj_dim}x{h.proj_draws}_{tag}"] = ("tensorsketch", h.proj_dim, h.proj_draws, first)
     cfg = replace(gf.ma.FULL, n_subsets=100)
     runs = [one(cfg, op, seed, configs, log) for seed in range(args.seeds) for op in args.ops]
+    # the project-like problem (gradex_fidelity.py's second problem): the default against the tensor sketch
+    project_args = argparse.Namespace(project_subsets=60, project_extra_kinds=["tensorsketch"])
+    project = []
+    for seed in range(args.seeds):
+        res = gf.project_one(seed, project_args, log)
+        project.append({"seed": seed, "noise_ceiling": res["noise_ceiling"],
+                        "rows": {n: {m: res["estimators"][n].get(m) for m in ("spearman", "spearman_within_size",
+                                                                          "spearman_tuning_half", "loo_spearman")}
+                                 for n in ("minus_size", "default", "default_tensorsketch")
+                                 if n in res["estimators"]}})
     summary = summarize(runs)
     seed0 = [r for r in runs if r["seed"] == 0]
     choice = {name: float(np.mean([r["rows"][name]["spearman_tuning_half"] for r in seed0]))
@@ -192,6 +202,7 @@ def main(argv=None):
                    "tuning_half_seed0": choice, "chosen": max(choice, key=choice.get),
                    "tensorsketch_vs_sjlt_tuning_half_seed0": versus},
         "summary_mean_over_w0_seeds": summary,
+        "project": project,
         "pairs": pairs,
         "runs": runs,
     })

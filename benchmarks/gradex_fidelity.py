@@ -585,6 +585,23 @@ def project_one(seed, args, log):
     c_src = with_readout(stacked(cb["source"]), r, rcols)
     c_tgt = dataclasses.replace(stacked(cb["target"]), preconditioned=True)
     add("default", lambda: estimate_subsets(c_src, c_tgt, SA, AnalysisConfig(), run=run), "callback")
+    for kind in getattr(args, "project_extra_kinds", ()):  # the same estimator on other features of its size
+        eff = projector_for_model(model, kind, k0, 0).with_scale(scale)
+        eff = getattr(eff, "effective_scale", lambda: None)() or scale  # what the features applied
+        rk, rkcols, rksec = readout_cached(
+            os.path.join(fdir, f"readout-{kind}{k0}-pre.npz"), model, [(x, y, t) for x, y, t in batches("source")()],
+            [(x, y, t) for x, y, t in batches("target")()], eff)
+        other, hsec[kind] = {"source": [], "target": []}, rksec
+        for d in range(n0):
+            for split in ("source", "target"):
+                f, s_ = harvest_cached(os.path.join(fdir, f"{split}-{kind}{k0}-margin-pre-d{d}.npz"), model,
+                                       batches(split), projection=kind, k=k0, seed=d, mode="margin", scale=scale,
+                                       task_names=names if split == "source" else None)
+                other[split].append(f)
+                hsec[kind] += s_
+        pair = (with_readout(stacked(other["source"]), rk, rkcols),
+                dataclasses.replace(stacked(other["target"]), preconditioned=True))
+        add(f"default_{kind}", lambda pair=pair: estimate_subsets(*pair, SA, AnalysisConfig(), run=run), kind)
     scores = {}
     size = S.sum(1).astype(float)
     scores["minus_size"] = score(S, -size, -float(K), truth, obs_loss, fit, ev)
