@@ -146,18 +146,23 @@ def test_the_runner_and_the_store_take_the_factorized_harvest(tmp_path):
     np.testing.assert_allclose(stored.jacobians, direct.jacobians, rtol=1e-5, atol=1e-6)
 
 
-def test_a_gpt2_from_transformers_matches_the_exact_path():
+def tiny_gpt2_batch():
+    """A 1-layer GPT-2 from transformers (Conv1D blocks, LayerNorms, tied wte / lm_head), in float64,
+    read as a 4-way classifier at the last position, and a batch of 5: (model, forward_fn, tokens, labels)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=6,
                                   bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).double()  # Conv1D blocks, LayerNorms, tied wte / lm_head
+    model = transformers.GPT2LMHeadModel(cfg).double()
 
     def last_logits(m, tokens):
-        return m(input_ids=tokens).logits[:, -1, :4]  # a 4-way classifier read off the last position
+        return m(input_ids=tokens).logits[:, -1, :4]
 
-    tokens = torch.randint(0, 13, (5, 6))
-    labels = torch.randint(0, 4, (5,))
+    return model, last_logits, torch.randint(0, 13, (5, 6)), torch.randint(0, 4, (5,))
+
+
+def test_a_gpt2_from_transformers_matches_the_exact_path():
+    model, last_logits, tokens, labels = tiny_gpt2_batch()
     proj = projector_for_model(model, "factorized", 9, seed=1)
     covered, fallback = covered_parameters(model, proj.names)
     assert fallback == [] and len(covered["transformer.wte.weight"]) == 2

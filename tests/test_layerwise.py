@@ -17,7 +17,7 @@ from lightning_ksm.harvesting.layerwise import LayerwiseEngine
 from lightning_ksm.harvesting.projection import SJLTProjector
 from lightning_ksm.harvesting.readout import preconditioned_projector
 
-from test_factorized import TinyConv, TinySeq, UsesAWeightOutsideItsModule, _seq_batch
+from test_factorized import TinyConv, TinySeq, UsesAWeightOutsideItsModule, _seq_batch, tiny_gpt2_batch
 
 
 def _both(model, batches, projector, **kw):
@@ -74,17 +74,7 @@ def test_large_layers_are_projected_in_groups_of_samples(monkeypatch):
 
 
 def test_gpt2_from_transformers_equals_the_per_sample_path():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(4)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=6,
-                                  bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).double()
-
-    def last_logits(m, tokens):
-        return m(input_ids=tokens).logits[:, -1, :4]
-
-    tokens = torch.randint(0, 13, (5, 6))
-    labels = torch.randint(0, 4, (5,))
+    model, last_logits, tokens, labels = tiny_gpt2_batch()
     for kind in ("sjlt", "tensorsketch"):
         proj = projector_for_model(model, kind, 64, seed=1, draws=2)
         vmap, hooks = _both(model, [(tokens, labels, [0] * 5)], proj, forward_fn=last_logits, mode="margin")
@@ -171,3 +161,12 @@ def test_the_tensor_sketch_preserves_inner_products_like_an_sjlt_of_the_same_siz
     rms = {kind: float(np.sqrt(np.mean(np.square(e)))) for kind, e in errors.items()}
     assert rms["tensorsketch"] < 1.5 * rms["sjlt"] and rms["tensorsketch"] < 3 / np.sqrt(k), rms
     assert abs(np.mean(errors["tensorsketch"])) < 3 * rms["tensorsketch"] / np.sqrt(30)  # unbiased
+
+
+def test_a_tensor_sketch_size_that_does_not_split_into_its_bands_is_refused():
+    from lightning_ksm.harvesting.projection import make_projector
+
+    with pytest.raises(ValueError, match=r"multiple of s=4, got k=10"):
+        make_projector("tensorsketch", {"w": (3, 4)}, 10, seed=0)
+    with pytest.raises(ValueError, match="s \\(bands\\)"):
+        make_projector("tensorsketch", {"w": (3, 4)}, 8, seed=0, s=0)

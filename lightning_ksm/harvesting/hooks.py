@@ -99,15 +99,13 @@ class HookEngine:
     what = "layer-hook harvest"
     remedy = "Exclude it with exclude=, or harvest it per sample"
 
-    # roles this engine leaves to the per-sample path even though the hooks could form them
-    per_sample_roles: frozenset = frozenset()
 
     def __init__(self, model, names, mode, projector, weights, forward_fn, device, chunk_size, uncovered=(),
                  warn=True):
         self.mode, self.projector, self.names, self.chunk_size = mode, projector, list(names), chunk_size
         self.model = model
         covered, fallback = covered_parameters(model, self.names)
-        skip = self.per_sample_roles
+        skip = self._per_sample_roles(projector)
         forced = set(uncovered) | {n for n, uses in covered.items() if any(role in skip for _, role in uses)}
         self.covered = {n: u for n, u in covered.items() if n not in forced}
         unknown = fallback  # parameters of layers the hooks do not know: worth a warning
@@ -132,6 +130,10 @@ class HookEngine:
         self._leaves: dict = {}
 
     # -- what subclasses define ----------------------------------------------------------------
+    def _per_sample_roles(self, projector) -> frozenset:
+        """Roles left to the per-sample path even though the hooks could form them."""
+        return frozenset()
+
     def _full(self, name, grad):
         raise NotImplementedError
 

@@ -5,7 +5,7 @@ form, layer by layer, the per-sample weight gradients ``sum_l delta_l a_l^T`` an
 run's projector (:meth:`~lightning_ksm.harvesting.projection.Projector.project_part`): a projection
 is a sum of per-parameter shares, so the result is the same linear map of the same gradients as the
 per-sample ``vmap`` path of :mod:`.engine` (tested to float tolerance), without one forward and
-backward pass per sample. At most ``max_entries`` gradient entries of one layer exist at a time
+backward pass per sample. At most ``MAX_ENTRIES`` gradient entries of one layer exist at a time
 (samples are taken in groups small enough for that).
 """
 
@@ -26,14 +26,12 @@ class LayerwiseEngine(HookEngine):
 
     what = "layer-hook harvest"
 
-    def __init__(self, *args, **kwargs):
-        projector = args[3]
+    def _per_sample_roles(self, projector) -> frozenset:
         # A convolution's per-sample weight gradient sums over every output position: formed from the
         # hooks it costs an einsum over those positions that the per-sample path's convolution
         # backward does faster (measured on ResNet-18, benchmarks/harvest_throughput.py); a structured
         # sketch needs no per-sample weight gradient, so it keeps them.
-        self.per_sample_roles = frozenset() if projector.structured else frozenset({"conv"})
-        super().__init__(*args, **kwargs)
+        return frozenset() if projector.structured else frozenset({"conv"})
 
     def _groups(self, n: int, numel: int):
         step = max(1, MAX_ENTRIES // max(1, numel))
