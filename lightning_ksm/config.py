@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
-PROJECTIONS = ("sjlt", "gaussian", "rademacher", "tensorsketch", "identity", "factorized")
+PROJECTIONS = ("auto", "sjlt", "gaussian", "rademacher", "tensorsketch", "identity", "factorized")
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
@@ -198,12 +198,14 @@ class HarvestConfig(_Settings):
         "regression, logistic, or a callable fn(outputs, labels) -> one scalar per sample",
         one_of(OUTPUT_MODES, callable_ok=True), choices=OUTPUT_MODES)
     projection: str = setting(
-        "sjlt", "random projection of the per-sample gradients: sjlt (sparse sign sketch), gaussian, "
-        "rademacher, tensorsketch (a sparse sign sketch with a structured hash: the layer hooks form it "
-        "from both sides of each outer product, no per-sample weight gradient; the preconditioner "
-        "enters as a rank-one approximation per matrix), identity (no projection: tiny models only), factorized (per-layer Kronecker "
-        "projection from one batched backward pass, no per-sample gradients; proj_dim is then the "
-        "budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
+        "auto", "random projection of the per-sample gradients: auto (tensorsketch when Linear, GPT-2 "
+        "Conv1D and Embedding weights hold at least half of the selected parameters, grad_engine is "
+        "hooks and proj_dim >= 1024, sjlt otherwise; docs/gradex.md), sjlt (sparse sign sketch), gaussian, rademacher, "
+        "tensorsketch (a sparse sign sketch with a structured hash: the layer hooks form it from both "
+        "sides of each outer product, no per-sample weight gradient; the preconditioner enters as a "
+        "rank-one approximation per matrix), identity (no projection: tiny models only), factorized "
+        "(per-layer Kronecker projection from one batched backward pass, no per-sample gradients; "
+        "proj_dim is then the budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
     proj_dim: int = setting(1024, "projection dimension k (of each draw); when the selected parameters have "
                             "no more than k x proj_draws entries, their exact gradients are stored instead "
                             "(no projection)",
@@ -216,7 +218,7 @@ class HarvestConfig(_Settings):
     grad_engine: str = setting(
         "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/tensorsketch: hooks "
         "(layer hooks and one batched backward pass for Linear, Embedding, LayerNorm, BatchNorm, GPT-2 "
-        "Conv1D, and Conv2d with the tensor sketch; other parameters per sample) or vmap (torch.func per "
+        "Conv1D; other parameters, Conv2d weights included, per sample) or vmap (torch.func per "
         "sample, the reference path); the features are the same (docs/gradex.md)", one_of(GRAD_ENGINES), choices=GRAD_ENGINES)
     include: Optional[list] = setting(
         None, "parameter-name patterns to linearize (globs, or 're:' regexes); None: every trainable parameter",

@@ -143,5 +143,5 @@ def test_the_engine_vocabularies_are_the_configs():
 
     assert estimation.LOSSES is config.LOSSES and estimation.WEIGHTINGS is config.WEIGHTINGS
     assert MODES is config.OUTPUT_MODES
-    assert set(projection.KINDS) == set(config.PROJECTIONS)
+    assert set(projection.KINDS) | {"auto"} == set(config.PROJECTIONS)  # "auto" resolves to a kind
     assert set(config.KERNELS) <= set(surrogates._KERNELS)

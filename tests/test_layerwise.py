@@ -170,3 +170,35 @@ def test_a_tensor_sketch_size_that_does_not_split_into_its_bands_is_refused():
         make_projector("tensorsketch", {"w": (3, 4)}, 10, seed=0)
     with pytest.raises(ValueError, match="s \\(bands\\)"):
         make_projector("tensorsketch", {"w": (3, 4)}, 8, seed=0, s=0)
+
+
+def test_auto_picks_the_tensor_sketch_where_the_hooks_form_most_weights_from_both_sides():
+    from lightning_ksm.harvesting.params import resolve_projection
+
+    def pick(model, **kw):
+        names = [n for n, _ in model.named_parameters()]
+        return resolve_projection(model, names, HarvestConfig(**{"proj_dim": 1024, "proj_draws": 1, **kw}))
+
+    seq = nn.Sequential(nn.Embedding(64, 48), nn.Linear(48, 64), nn.Linear(64, 3))  # d > 1024
+    assert HarvestConfig().projection == "auto"
+    assert pick(seq) == "tensorsketch"
+    assert pick(seq, grad_engine="vmap") == "sjlt"  # the reference path keeps the plain sketch
+    assert pick(seq, proj_dim=512) == "sjlt"  # narrower than where the tensor sketch was measured
+    convs = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.Flatten(), nn.Linear(128, 2))
+    assert pick(convs) == "sjlt"  # conv weights go per sample either way
+    for kind in ("sjlt", "gaussian", "tensorsketch", "factorized"):
+        assert pick(seq, projection=kind) == kind  # an explicit choice is kept
+    d = sum(p.numel() for p in seq.parameters())
+    for kind in ("auto", "sjlt", "tensorsketch"):  # the exact gradients are no larger than the sketch
+        assert pick(seq, projection=kind, proj_dim=d) == "identity"
+    assert pick(seq, projection="factorized", proj_dim=d) == "factorized"  # its k is a per-parameter budget
+    assert pick(seq, proj_draws=2) == "tensorsketch"
+
+
+def test_the_runner_records_the_projection_auto_resolved_to(tmp_path):
+    from lightning_ksm.harvesting.runner import HarvestRunner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 48), nn.Linear(48, 64), nn.Linear(64, 3))
+    runner = HarvestRunner(model, str(tmp_path / "store"))
+    assert runner.projector.kind == "tensorsketch" and runner.projector.config()["kind"] == "tensorsketch"

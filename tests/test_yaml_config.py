@@ -125,7 +125,7 @@ def _assert_configured(cb, tmp_path) -> None:
     assert list(cb.include) == ["net.2.*"]
     assert str(cb.dirpath) == f"{tmp_path.as_posix()}/ksm"
     assert cb.progress is False and cb.raise_on_analysis_error is True
-    assert cb.projection == "sjlt" and cb.output == "margin"  # defaults untouched
+    assert cb.projection == "auto" and cb.output == "margin"  # defaults untouched
 
 
 def test_yaml_init_args_are_callback_arguments_and_fit(tmp_path):

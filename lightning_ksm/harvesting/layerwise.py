@@ -28,10 +28,11 @@ class LayerwiseEngine(HookEngine):
 
     def _per_sample_roles(self, projector) -> frozenset:
         # A convolution's per-sample weight gradient sums over every output position: formed from the
-        # hooks it costs an einsum over those positions that the per-sample path's convolution
-        # backward does faster (measured on ResNet-18, benchmarks/harvest_throughput.py); a structured
-        # sketch needs no per-sample weight gradient, so it keeps them.
-        return frozenset() if projector.structured else frozenset({"conv"})
+        # hooks it costs an einsum over those positions (or, for the tensor sketch, an FFT at each
+        # position) that the per-sample path's convolution backward does faster (measured on
+        # ResNet-18, benchmarks/harvest_throughput.py), so conv weights go per sample under every
+        # projection and are projected by the same map.
+        return frozenset({"conv"})
 
     def _groups(self, n: int, numel: int):
         step = max(1, MAX_ENTRIES // max(1, numel))

@@ -9,9 +9,18 @@ from typing import Sequence
 from torch import nn
 
 from ..config import HarvestConfig
+from .hooks import covered_parameters
 from .projection import Projector, make_projector
 
-__all__ = ["select_parameters", "projector_for_model"]
+__all__ = ["select_parameters", "projector_for_model", "resolve_projection", "TWO_SIDED_ROLES"]
+
+# Hook roles whose weight gradients are sums of outer products (or token rows): the tensor sketch
+# forms their share from the two sides, without the per-sample weight gradient.
+TWO_SIDED_ROLES = frozenset({"linear", "conv1d", "embedding"})
+# The smallest proj_dim at which "auto" takes the tensor sketch: it was measured as faithful as the
+# SJLT at k = 1024 (bands of 256); its row and column hashes collide more in narrower bands, and a
+# 4-task test at k = 32 came out wrong with it, so smaller sizes keep the SJLT.
+AUTO_TENSORSKETCH_MIN_K = 1024
 
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
@@ -76,3 +85,31 @@ def projector_for_model(
     names = select_parameters(model, params=params, include=include, exclude=exclude)
     shapes = dict(model.named_parameters())
     return make_projector(projection, {n: shapes[n].shape for n in names}, k, seed, **opts)
+
+
+def resolve_projection(model: nn.Module, names: Sequence[str], config: HarvestConfig) -> str:
+    """The projection a harvest of ``names`` under ``config`` really uses.
+
+    - ``proj_dim x proj_draws >= d`` (the selected parameter count) for a sign/Gaussian sketch or
+      ``auto``: ``identity``, since the exact gradients are no larger than their projections.
+    - ``auto``: ``tensorsketch`` when the layer hooks form at least half of the selected weights
+      from both sides of their outer products (Linear, GPT-2 Conv1D, Embedding) and
+      ``grad_engine="hooks"`` and ``proj_dim >= AUTO_TENSORSKETCH_MIN_K``; ``sjlt`` otherwise (convolution-heavy models, whose weights go per
+      sample either way, and the ``vmap`` reference path). Both were measured equally faithful
+      against real retraining (benchmarks/results/factorized_fidelity.json); the tensor sketch is
+      3-10x faster where it applies (benchmarks/results/harvest_throughput.json).
+    - any other value: itself.
+    """
+    kind = config.projection
+    shapes = dict(model.named_parameters())
+    d = sum(shapes[n].numel() for n in names)
+    if kind in ("auto", "sjlt", "gaussian", "rademacher", "tensorsketch") and config.proj_dim * config.proj_draws >= d:
+        return "identity"
+    if kind != "auto":
+        return kind
+    if config.grad_engine != "hooks" or config.proj_dim < AUTO_TENSORSKETCH_MIN_K:
+        return "sjlt"
+    covered, _ = covered_parameters(model, names)
+    two_sided = sum(shapes[n].numel() for n, uses in covered.items()
+                    if all(role in TWO_SIDED_ROLES for _, role in uses))
+    return "tensorsketch" if 2 * two_sided >= d else "sjlt"

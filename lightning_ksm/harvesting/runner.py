@@ -35,7 +35,7 @@ from ..fileio import atomic_torch_save, torch_load_safe
 from ..store import FeatureStore
 from .batches import BatchReader, loader_chunks, take, to_device, tolist
 from .harvest import Harvester
-from .params import projector_for_model, select_parameters
+from .params import projector_for_model, resolve_projection, select_parameters
 from .readout import READOUT_MODES, ReadoutBuilder, preconditioned_projector
 
 PRECONDITIONER_FILE = "preconditioner.pt"  # in the store: a resumed harvest reuses the first one
@@ -124,10 +124,7 @@ class HarvestRunner:
         self.rank, self.world, self.progress = rank, world, progress
         self.forward_fn, self.weights, self.meta = forward_fn, weights, dict(meta or {})
         self.params = select_parameters(model, include=self.config.include, exclude=self.config.exclude)
-        kind = self.config.projection
-        d = sum(p.numel() for n, p in model.named_parameters() if n in set(self.params))
-        if kind in ("sjlt", "gaussian", "rademacher") and self.config.proj_dim * self.config.proj_draws >= d:
-            kind = "identity"  # k x draws >= d: the exact gradients are no larger than the projections
+        kind = resolve_projection(model, self.params, self.config)  # "auto" and the exact-gradient rule
         draws = {} if kind in ("identity", "factorized") else {"draws": self.config.proj_draws}
         self.projector = projector_for_model(model, kind, None if kind == "identity" else self.config.proj_dim,
                                              self.config.proj_seed, **draws, params=self.params)
