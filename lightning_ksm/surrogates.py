@@ -293,6 +293,29 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         out += self.y_mean_
         return _as_output(self, out)
 
+    def refit_predictions(self, S, y, rows, designs):
+        """Refit on resampled rows, predict on fixed designs: for each index vector ``r`` in ``rows``,
+        the predictions on each of ``designs`` of this surrogate refitted on ``(S[r], y[r])`` with its
+        selected gamma and alpha fixed (what ``clone`` + ``fit`` + ``predict`` gives, for a bootstrap).
+
+        The kernel between the subsets and every design is computed once: a resample's kernel
+        matrices are slices of it, so each replicate costs one m x m eigendecomposition. Yields one
+        list of ``(len(design), T)`` arrays per ``r``.
+        """
+        check_is_fitted(self, "dual_coef_")
+        S = check_subset_matrix(S, n_tasks=self.n_features_in_)
+        y2 = check_targets(y, len(S)).reshape(len(S), -1)
+        with _blas_threads(len(S)):
+            G = self._gram(S, S, self.gamma_)
+            cross = [self._gram(np.asarray(D, dtype=np.float64), S, self.gamma_) for D in designs]
+            for r in rows:
+                r = np.asarray(r)
+                yr = y2[r]
+                mean = yr.mean(axis=0)
+                lam, Q = _eigh_psd(G[np.ix_(r, r)])
+                theta = Q @ ((Q.T @ (yr - mean)) / (lam + self.alpha_)[:, None])
+                yield [C[:, r] @ theta + mean for C in cross]
+
 
 def _eigh_psd(G: np.ndarray):
     lam, Q = np.linalg.eigh(G)

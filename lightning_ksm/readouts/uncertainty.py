@@ -111,23 +111,39 @@ def bootstrap_readouts(
     Q = None if queries is None else np.asarray(queries, dtype=np.float64).reshape(-1, K)
     out = BootstrapDraws(level=level, n_boot=n_boot, interaction_columns=cols)
     ens, loo, inter, qd = [], [], [], []
-    bar = progress_bar(n_boot, progress, "bootstrap intervals", "replicate")
+    resamples = []
     for _ in range(n_boot):
-        if bar is not None:
-            bar.update(1)
         idx = rng.integers(0, m, size=m)
         if len(np.unique(S[idx], axis=0)) < 2:
             idx = rng.permutation(m)
-        model = clone(est).fit(S[idx], F[idx])
-        if "ensemble" in readouts:
-            ens.append(_ensemble_from(ensemble_subsets, _predict2d(model, ensemble_subsets.astype(np.float64))))
-        if "loo" in readouts:
-            pred = _predict2d(model, loo_design)
-            loo.append(pred[1:] - pred[:1])
-        if cols:
-            inter.append(_interactions_from(K, _predict2d(model, inter_design)[:, cols]).astype(np.float32))
-        if Q is not None and len(Q):
-            qd.append(_predict2d(model, Q))
+        resamples.append(idx)
+    designs = {}
+    if "ensemble" in readouts:
+        designs["ensemble"] = ensemble_subsets.astype(np.float64)
+    if "loo" in readouts:
+        designs["loo"] = loo_design
+    if cols:
+        designs["inter"] = inter_design
+    if Q is not None and len(Q):
+        designs["queries"] = Q
+    if hasattr(surrogate, "refit_predictions") and hasattr(surrogate, "dual_coef_"):  # kernels once, sliced
+        replicates = surrogate.refit_predictions(S, F, resamples, list(designs.values()))
+    else:
+        replicates = ([_predict2d(model, D) for D in designs.values()]
+                      for model in (clone(est).fit(S[idx], F[idx]) for idx in resamples))
+    bar = progress_bar(n_boot, progress, "bootstrap intervals", "replicate")
+    for preds in replicates:
+        if bar is not None:
+            bar.update(1)
+        pred = dict(zip(designs, preds))
+        if "ensemble" in pred:
+            ens.append(_ensemble_from(ensemble_subsets, pred["ensemble"]))
+        if "loo" in pred:
+            loo.append(pred["loo"][1:] - pred["loo"][:1])
+        if "inter" in pred:
+            inter.append(_interactions_from(K, pred["inter"][:, cols]).astype(np.float32))
+        if "queries" in pred:
+            qd.append(pred["queries"])
     if bar is not None:
         bar.close()
     out.ensemble = np.stack(ens) if ens else None
