@@ -1,12 +1,15 @@
-"""The default fast path: exact per-sample gradients of one layer at a time, from layer hooks.
+"""The default harvest engine: each layer's share of the projected per-sample gradient, from hooks.
 
-:class:`LayerwiseEngine` uses the hooks of :mod:`.hooks` (one ordinary batched backward pass) to
-form, layer by layer, the per-sample weight gradients ``sum_l delta_l a_l^T`` and hands each to the
-run's projector (:meth:`~lightning_ksm.harvesting.projection.Projector.project_part`): a projection
-is a sum of per-parameter shares, so the result is the same linear map of the same gradients as the
+:class:`LayerwiseEngine` uses the hooks of :mod:`.hooks` (one ordinary batched backward pass). For a
+structured sketch (the tensor sketch, what ``projection="auto"`` takes for Linear/Embedding-heavy
+models) a layer's share is formed from the two sides of its outer products, with no per-sample
+weight gradient; for any other summable projector it forms, layer by layer, the per-sample weight
+gradients ``sum_l delta_l a_l^T`` and hands each to the run's projector
+(:meth:`~lightning_ksm.harvesting.projection.Projector.project_part`). Either way a projection is a
+sum of per-parameter shares, so the result is the same linear map of the same gradients as the
 per-sample ``vmap`` path of :mod:`.engine` (tested to float tolerance), without one forward and
 backward pass per sample. At most ``MAX_ENTRIES`` gradient entries of one layer exist at a time
-(samples are taken in groups small enough for that).
+(samples are taken in groups small enough for that). Convolution weights go per sample.
 """
 
 from __future__ import annotations
