@@ -1,5 +1,5 @@
-"""The callback, unchanged, on real architectures with each harvest (the default SJLT from layer
-hooks, the tensor sketch, the factorized projection): a transformers GPT-2
+"""The callback, unchanged, on real architectures with each harvest (the default projection="auto",
+the SJLT from layer hooks, the tensor sketch, the factorized projection): a transformers GPT-2
 built from a config (random init, no download) and a residual CNN with BatchNorm (the ResNet-18
 building block; torchvision itself does not install beside the project's torch pin here). Each is
 trained on synthetic multi-task data with one planted harmful task (scrambled labels), and the
@@ -51,10 +51,13 @@ def _tasks(inputs, labels, n_per_task, seed):
     return TensorDataset(inputs, y, t)
 
 
-PROJECTIONS = {"sjlt": {}, "tensorsketch": {"proj_dim": 64}, "factorized": {"proj_dim": 64}}
+# Sizes below the parameter counts (386 and 3,632), so each projection really projects (the default
+# k x draws = 2,048 gives the CNN its exact gradients). The SJLT of the CNN at k = 64 ranked the
+# planted task third (seen once); 96-192 rank it last.
+PROJECTIONS = {"auto": {}, "sjlt": {"proj_dim": 128}, "tensorsketch": {"proj_dim": 64}, "factorized": {"proj_dim": 64}}
 
 
-def _fit_and_rank(tmp_path, module, train, val, epochs, projection="factorized"):
+def _fit_and_rank(tmp_path, module, train, val, epochs, projection="factorized", used=None):
     L.seed_everything(0, verbose=False)
     cb = TaskAttribution(projection=projection, n_subsets=40, progress=False, raise_on_analysis_error=True,
                          dirpath=str(tmp_path / "ksm"), **PROJECTIONS[projection])
@@ -64,6 +67,7 @@ def _fit_and_rank(tmp_path, module, train, val, epochs, projection="factorized")
         warnings.simplefilter("ignore")
         trainer.fit(module, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=64))
     assert cb.report.config["callback"]["projection"] == projection
+    assert cb.report.config["harvest"]["projector"]["kind"] == (used or projection)  # what "auto" became
     return [task for task, _ in cb.report.ranked("all")]
 
 
@@ -86,11 +90,12 @@ def test_gpt2_from_a_config_ranks_the_scrambled_task_last(tmp_path, projection):
     train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
     val_x, val_y = data(64, 3)
     val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
-    ranked = _fit_and_rank(tmp_path, Classifier(net, two_way), train, val, epochs=4, projection=projection)
+    ranked = _fit_and_rank(tmp_path, Classifier(net, two_way), train, val, epochs=4, projection=projection,
+                           used="tensorsketch" if projection == "auto" else None)  # Linear-like, d > 2 x 1,024
     assert ranked[-1] == str(HARMFUL), ranked
 
 
-@pytest.mark.parametrize("projection", ["sjlt", "factorized"])
+@pytest.mark.parametrize("projection", ["auto", "sjlt", "factorized"])
 def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path, projection):
     class Block(nn.Module):
         def __init__(self, c):
@@ -113,5 +118,6 @@ def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path, p
     train = _tasks(*data(N_TASKS * 48, 1), 48, seed=2)
     val_x, val_y = data(64, 3)
     val = TensorDataset(val_x, val_y, torch.zeros(64, dtype=torch.long))
-    ranked = _fit_and_rank(tmp_path, Classifier(net), train, val, epochs=4, projection=projection)
+    ranked = _fit_and_rank(tmp_path, Classifier(net), train, val, epochs=4, projection=projection,
+                           used="identity" if projection == "auto" else None)  # d < 2 x 1,024: exact gradients
     assert ranked[-1] == str(HARMFUL), ranked
