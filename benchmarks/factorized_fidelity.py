@@ -98,7 +98,8 @@ def one(cfg, op, seed, configs, log):
 
     fdir = os.path.join(tr["run_dir"], "features")
     edir = os.path.join(tr["run_dir"], "estimates-factorized")
-    os.makedirs(edir, exist_ok=True)
+    for directory in (fdir, edir):  # an empty cache (the real retrainings alone) has neither
+        os.makedirs(directory, exist_ok=True)
     scale = gf.preconditioner_scale(obs["exp_avg_sq"], obs["steps"], 0.98, 1e-8)
     run = gf.modular_run_record(cfg, len(data.train), obs)
     size = S.sum(1).astype(float)
