@@ -335,6 +335,13 @@ def test_estimated_policy_matches_the_linearized_policy(trained):
     assert np.abs(moved - predicted).max() < 0.05 * np.abs(change).max()
 
 
+def test_the_policy_harvest_resolves_auto_like_the_harvest_runner(trained):
+    d = sum(p.numel() for p in trained.actor.parameters())
+    _, small = harvest_policy_features(trained, n_per_task=2, projection="auto", proj_dim=24, seed=0)
+    assert small.kind == "sjlt"  # below the tensor sketch's measured size
+    _, exact = harvest_policy_features(trained, n_per_task=2, projection="auto", proj_dim=d, seed=0)
+    assert exact.kind == "identity" and exact.k == d
+
 def test_attribution_report_has_one_row_per_environment(trained, tmp_path):
     cfg = RLAttributionConfig(n_per_task=32, proj_dim=16, n_subsets=10, subset_size=0, ensemble_samples=400,
                               top_k=1, max_episode_steps=10)

@@ -47,11 +47,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import AnalysisConfig
+from ..config import AnalysisConfig, HarvestConfig
 from ..analysis import report_from_losses as _report_from_losses
 from ..features import HarvestedFeatures
 from ..estimation import solve_subsets
 from ..harvesting import harvest, projector_for_model
+from ..harvesting.params import resolve_projection, select_parameters
 from ..harvesting.projection import Projector
 from ..report import AttributionReport
 from ..subsets import sample_subsets
@@ -127,7 +128,11 @@ def harvest_policy_features(
     if empty:
         raise ValueError(f"the replay buffer holds no transition of task(s) {empty}; collect data for them first")
     if projector is None:
-        projector = projector_for_model(module.actor, projection, proj_dim, proj_seed)
+        if projection == "auto":  # as the harvest runner resolves it (one draw here)
+            projection = resolve_projection(module.actor, select_parameters(module.actor),
+                                            HarvestConfig(projection="auto", proj_dim=proj_dim, proj_draws=1))
+        k = None if projection == "identity" else proj_dim
+        projector = projector_for_model(module.actor, projection, k, proj_seed)
     idx = module.buffer.per_task_indices(n_per_task, ids, seed=seed)
     batch = module.buffer.batch(idx, device=module.device)
     x = module._inputs(batch["obs"], batch["task_ids"])
