@@ -184,6 +184,7 @@ def test_auto_picks_the_tensor_sketch_where_the_hooks_form_most_weights_from_bot
     assert pick(seq) == "tensorsketch"
     assert pick(seq, grad_engine="vmap") == "sjlt"  # the reference path keeps the plain sketch
     assert pick(seq, proj_dim=512) == "sjlt"  # narrower than where the tensor sketch was measured
+    assert pick(seq, proj_dim=1026) == "sjlt"  # does not split into the sketch's 4 bands
     convs = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.Flatten(), nn.Linear(128, 2))
     assert pick(convs) == "sjlt"  # conv weights go per sample either way
     for kind in ("sjlt", "gaussian", "tensorsketch", "factorized"):

@@ -27,7 +27,9 @@ import torch
 
 from .projection import DEFAULT_CACHE_BYTES, Projector, stable_seed
 
-__all__ = ["TensorSketchProjector"]
+__all__ = ["TensorSketchProjector", "BANDS"]
+
+BANDS = 4  # s, the default number of bands (of width k / s)
 
 
 class TensorSketchProjector(Projector):
@@ -36,7 +38,7 @@ class TensorSketchProjector(Projector):
     kind = "tensorsketch"
     structured = True
 
-    def __init__(self, param_shapes, k, seed=0, *, s: int = 4, block_size=None, cache_bytes=DEFAULT_CACHE_BYTES):
+    def __init__(self, param_shapes, k, seed=0, *, s: int = BANDS, block_size=None, cache_bytes=DEFAULT_CACHE_BYTES):
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"s (bands) must be a positive int, got {s!r}")
         if isinstance(k, int) and (k < s or k % s):
