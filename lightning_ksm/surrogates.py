@@ -270,8 +270,7 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
         self.gamma_ = gammas[gi]
         self.alpha_ = alphas[ai]
         lam, Q = eigs[gi]
-        # theta = Q diag(1 / (lam + alpha)) Q^T yc: reuses the eigendecomposition of the chosen gamma.
-        self.dual_coef_ = Q @ ((Q.T @ yc) / (lam + self.alpha_)[:, None])
+        self.dual_coef_ = _dual_coef(lam, Q, yc, self.alpha_)  # reuses the chosen gamma's eigendecomposition
         self.X_fit_ = S
         self.n_features_in_ = K
         self.inclusion_rate_ = float(S.mean())
@@ -312,9 +311,13 @@ class KernelSurrogate(RegressorMixin, BaseEstimator):
                 r = np.asarray(r)
                 yr = y2[r]
                 mean = yr.mean(axis=0)
-                lam, Q = _eigh_psd(G[np.ix_(r, r)])
-                theta = Q @ ((Q.T @ (yr - mean)) / (lam + self.alpha_)[:, None])
+                theta = _dual_coef(*_eigh_psd(G[np.ix_(r, r)]), yr - mean, self.alpha_)
                 yield [C[:, r] @ theta + mean for C in cross]
+
+
+def _dual_coef(lam: np.ndarray, Q: np.ndarray, yc: np.ndarray, alpha: float) -> np.ndarray:
+    """theta = (G + alpha I)^-1 yc = Q diag(1 / (lam + alpha)) Q^T yc, from G's eigendecomposition."""
+    return Q @ ((Q.T @ yc) / (lam + alpha)[:, None])
 
 
 def _eigh_psd(G: np.ndarray):
