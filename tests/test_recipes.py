@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from recipes import _planted  # noqa: E402
 from recipes import breast_cancer_loo as bc  # noqa: E402
 from recipes import modular_arithmetic as ma  # noqa: E402
 
@@ -202,3 +203,28 @@ def test_breast_cancer_quick_recipe(tmp_path):
     coef = np.linalg.lstsq(np.hstack([np.ones((len(S), 1)), S]), F, rcond=None)[0][1:]
     assert abs(lin.sum()) < 1e-8 * np.abs(lin).sum()
     np.testing.assert_allclose(lin, -(coef - coef.mean()), rtol=1e-6, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planted-task recipes' brute-force scores (recipes/_planted.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planted_scores_on_a_known_outcome():
+    from lightning_ksm import all_subsets
+
+    S = all_subsets(4)
+    effect = np.array([-0.3, -0.1, -0.2, 0.5])  # additive: F(s) = 1 + effect . s
+    F = 1 + S @ effect
+    np.testing.assert_allclose(_planted.task_effects(S, F), effect)  # brute force recovers each effect
+    rng = np.random.default_rng(0)
+    real = F + 0.01 * rng.standard_normal((3, len(S)))
+    out = _planted.score(S, F.copy(), real, {str(i): -e for i, e in enumerate(effect)}, harmful=3)
+    assert out["planted_most_harmful_in_retraining"] and out["planted_most_harmful_in_every_seed"]
+    assert out["task_effect_spearman"]["report_scores"] == pytest.approx(1.0)
+    assert out["spearman"]["gradex"] > 0.99 and out["spearman"]["noise_ceiling"] > 0.95
+    # the trivial baseline -|s| is poor here: the planted task makes a larger subset no better
+    assert out["spearman"]["minus_size"] < 0.5
+    # within size: sizes 1, 2 and 3 (4, 6 and 4 subsets); a reversed estimate scores -1 there
+    assert _planted.within_size(S, -F, F) == pytest.approx(-1.0)
+    assert _planted.within_size(S, F, F) == pytest.approx(1.0)
