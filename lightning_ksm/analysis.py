@@ -19,6 +19,7 @@ from ._threads import pinned_threads
 from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
 from .estimation import estimate_subsets
+from .estimation.checks import linear_regime_notes
 from .features import HarvestedFeatures
 from .quality import holdout_quality
 from .report import AttributionReport
@@ -77,15 +78,20 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     extra = dict(extra_config or {})
     fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss,
                  "estimator": result.extras["estimator"]}
-    for key in ("adam_as", "calibrate", "exact_readout", "effect_scale"):  # how F^ was made (simulate)
+    for key in ("adam_as", "calibrate", "exact_readout", "effect_scale", "all_tasks_change"):  # how F^ was made
         if key in result.extras:
             fit_extra[f"gradex_{key}"] = result.extras[key]
-    return report_from_losses(
+    report = report_from_losses(
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
         timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0, progress=progress,
         # best-subset candidates are re-scored by the same estimator (GradEx) that gave F^
         rescore=lambda masks: estimate_subsets(source, target, masks, cfg, run=(extra_config or {}).get("run")).losses,
     )
+    regime = linear_regime_notes(result.extras.get("all_tasks_change"), columns=report.target_names)
+    if regime:  # warnings are said first (text, HTML, command line): they qualify every number
+        report.fit_quality["linear_regime"] = False
+        report.fit_quality["warnings"] = list(report.fit_quality.get("warnings", [])) + regime
+    return report
 
 
 def report_from_losses(

@@ -40,15 +40,27 @@ def trainer(epochs: int, root: str, callbacks=()):
                      default_root_dir=root, callbacks=list(callbacks))
 
 
-def classifier(recipe, w0: dict, lr: float):
-    """A LightningModule that fine-tunes ``recipe.new_model(w0)`` with Adam on ``(input, label,
-    task)`` batches (cross-entropy of ``recipe.logits(net, input)``); its validation is the target."""
+def classifier(recipe, cfg, w0: dict):
+    """A LightningModule that fine-tunes ``recipe.new_model(w0)`` with Adam (``cfg.lr``) on ``(input,
+    label, task)`` batches (cross-entropy of ``recipe.logits(net, input)``); its validation is the
+    target. With ``cfg.frozen_norm`` the BatchNorm layers stay in eval mode while training (their
+    running statistics frozen, as in detection fine-tuning), so training and harvest see one function."""
     import lightning.pytorch as L
+
+    lr, frozen_norm = cfg.lr, getattr(cfg, "frozen_norm", False)
 
     class Classifier(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = recipe.new_model(w0)
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if frozen_norm:
+                for m in self.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            return self
 
         def forward(self, x):
             return recipe.logits(self.net, x)
@@ -86,7 +98,7 @@ def attribution_run(recipe, cfg, w0: dict, run_dir: str):
                                raise_on_analysis_error=True, overwrite=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(cfg.epochs, run_dir, [callback]).fit(classifier(recipe, w0, cfg.lr),
+        trainer(cfg.epochs, run_dir, [callback]).fit(classifier(recipe, cfg, w0),
                                                      train_loader(train, cfg.batch_size, cfg.seed),
                                                      torch.utils.data.DataLoader(target, batch_size=256))
     return callback.report
@@ -107,7 +119,7 @@ class RetrainSubset:
         recipe, cfg = import_module(self.recipe), self.cfg
         train, target = recipe.task_data(cfg)
         keep = select_samples(train.tensors[2].numpy(), subset)
-        module = classifier(recipe, torch.load(self.w0_path, weights_only=True), cfg.lr)
+        module = classifier(recipe, cfg, torch.load(self.w0_path, weights_only=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer(cfg.epochs, self.root).fit(module, train_loader(torch.utils.data.Subset(train, keep),

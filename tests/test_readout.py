@@ -156,6 +156,33 @@ def test_effect_calibration_hits_the_observed_loss_and_keeps_rankings():
     np.testing.assert_allclose(back.losses, plain.losses)
 
 
+def test_the_regime_check_notes_a_linearized_run_that_does_not_follow_the_watched_one():
+    from lightning_ksm.estimation.checks import REGIME_FACTOR, linear_regime_notes
+
+    model, data, target = _problem(3)
+    src, src_r, tgt = _features(model, data, target, "identity", None)
+    S = sample_subsets(4, 12, p=0.6, seed=2)
+    run = dict(RUNS["sgd_momentum"])
+    plain = simulate(src_r, tgt, S, run)
+    f0 = float(np.mean(np.logaddexp(0.0, -tgt.outputs)))
+    est = plain.extras["all_tasks_estimate"]["all"] - f0
+    for factor, noted in ((1.0, False), (0.5, False), (2.0, False), (1.1 * REGIME_FACTOR, True),
+                          (0.9 / REGIME_FACTOR, True), (-1.0, True)):  # -1: the other direction
+        run["final_losses"] = {"all": f0 + factor * est}
+        change = simulate(src_r, tgt, S, run, calibrate="effect").extras["all_tasks_change"]
+        assert change["all"]["estimated"] == pytest.approx(est) and "target" not in change  # no observation
+        assert change["all"]["observed"] == pytest.approx(factor * est)
+        notes = linear_regime_notes(change, columns=["all", "target"])
+        assert bool(notes) == noted, (factor, notes)
+        if noted:
+            assert "'all'" in notes[0] and "retraining" in notes[0]
+    # per projection draw: one draw out of the regime is enough; both barely moving is not checked
+    ok, off = {"w0": 0.7, "estimated": -0.1, "observed": -0.1}, {"w0": 0.7, "estimated": 2.0, "observed": -0.1}
+    assert linear_regime_notes({"all": [ok, ok]}) == [] and len(linear_regime_notes({"all": [ok, off]})) == 1
+    assert linear_regime_notes({"all": {"w0": 0.7, "estimated": 0.0004, "observed": -0.0034}}) == []
+    assert len(linear_regime_notes({"all": {"w0": 0.5, "estimated": 2.2, "observed": 0.003}})) == 1
+
+
 def test_adam_preconditioner_is_one_over_the_root_of_the_root_of_v_hat():
     model = nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99), eps=1e-6)

@@ -127,9 +127,11 @@ def test_a_residual_cnn_with_batchnorm_ranks_the_scrambled_task_last(tmp_path, p
     assert ranked[-1] == str(HARMFUL), ranked
 
 
-@pytest.mark.parametrize("recipe, library, projection", [("resnet18_planted", "torchvision", "sjlt"),
-                                                         ("gpt2_planted", "transformers", "tensorsketch")])
-def test_the_real_size_recipes_rank_the_planted_task_last(tmp_path, recipe, library, projection):
+# The linearized run follows the watched one on GPT-2 (effect scales 0.86-1.44) but not on the
+# ResNet (benchmarks/results/resnet18_planted.json): there the report must say so.
+@pytest.mark.parametrize("recipe, library, projection, in_regime", [
+    ("resnet18_planted", "torchvision", "sjlt", False), ("gpt2_planted", "transformers", "tensorsketch", True)])
+def test_the_real_size_recipes_rank_the_planted_task_last(tmp_path, recipe, library, projection, in_regime):
     pytest.importorskip(library)
     import importlib
     import os
@@ -142,3 +144,9 @@ def test_the_real_size_recipes_rank_the_planted_task_last(tmp_path, recipe, libr
     result = module.run(module.QUICK, str(tmp_path), retrain=False, log=lambda *a: None)
     assert result["projection"] == projection  # what "auto" became: SJLT for convolutions, sketch for GPT-2
     assert result["report_ranking"][-1] == str(module.HARMFUL), result["report_ranking"]
+    from lightning_ksm import AttributionReport
+
+    report = AttributionReport.load(str(tmp_path / "ksm" / "report"))
+    assert report.fit_quality.get("linear_regime", True) is in_regime
+    assert any("linearized run" in w for w in report.warnings()) is not in_regime
+    assert any("linearized run" in line for line in report.to_text().splitlines()[:3]) is not in_regime

@@ -437,6 +437,11 @@ def test_summary_metrics_are_flat_finite_floats():
     assert sum(k.startswith("ksm/score/") for k in m) == K * T - 1
     assert m["ksm/fit/heldout_lds"] == 0.83 and m["ksm/fit/n_train_subsets"] == 20.0
     assert "ksm/fit/surrogate" not in m
+    assert m["ksm/fit/warnings"] == 0.0
+    warned = make_report(fit_quality={"heldout_lds": 0.8, "warnings": ["the linearized run goes the other way"]})
+    assert warned.summary_metrics()["ksm/fit/warnings"] == 1.0
+    assert warned.to_text().splitlines()[0] == "WARNING: the linearized run goes the other way"
+    assert warned.warnings() == ["the linearized run goes the other way"]
     assert m["ksm/time/gradex"] == 3.5
     assert all(re.fullmatch(r"ksm/[A-Za-z0-9_./-]+", k) for k in m)
     assert make_report().summary_metrics("x")["x/best_subset/all/size_2/predicted_loss"] == 0.25

@@ -245,17 +245,18 @@ def _num(value: Any, spec: str) -> str:
 
 def _summary(report, config: AnalysisConfig) -> str:
     """A few lines: size of the run, fit quality, top tasks and best subset of the default target."""
+    from ..report import _terminal_safe as _safe  # task names are user data: no escape sequences
+
     fq = report.fit_quality
     lines = [
         *(["  PARTIAL HARVEST: only part of the data was analysed (see fit_quality notes)"]
           if fq.get("partial_harvest") else []),
+        *[f"  WARNING: {_safe(w)}" for w in fq.get("warnings", [])],
         f"  {report.n_tasks} source tasks, {report.n_targets} targets, {config.n_subsets} subsets "
         f"(seed {config.seed}), kernel {config.kernel}",
         f"  surrogate held-out LDS {_num(fq.get('heldout_lds'), '.3f')} "
         f"(linear surrogate {_num(fq.get('linear_heldout_lds'), '.3f')})",
     ]
-    from ..report import _terminal_safe as _safe  # task names are user data: no escape sequences
-
     target = report.default_target
     helps = ", ".join(f"{_safe(t)} ({v:+.3g})" for t, v in report.top_helpers(3, target)) or "none"
     hurts = ", ".join(f"{_safe(t)} ({v:+.3g})" for t, v in report.top_hurters(3, target)) or "none"

@@ -54,9 +54,9 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
         if result.accuracy is not None:
             result.accuracy = np.mean([p.accuracy for p in parts], axis=0)
         result.extras["projection_draws"] = draws
-        if result.extras.get("effect_scale") is not None:
-            result.extras["effect_scale"] = {c: [p.extras["effect_scale"][c] for p in parts]
-                                             for c in result.extras["effect_scale"]}
+        for key in ("effect_scale", "all_tasks_change"):  # one entry per draw
+            if result.extras.get(key) is not None:
+                result.extras[key] = {c: [p.extras[key][c] for p in parts] for c in result.extras[key]}
         return result
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,

@@ -285,9 +285,9 @@ def simulate(
         parts_a.append(acc)
     losses = np.concatenate(parts_l)
     acc = None if parts_a[0] is None else np.concatenate(parts_a)[:-1]
-    effect = None
+    effect, changes = None, None
     if calibrate == "effect":
-        losses, effect = _effect_calibrated(losses, tgt, run)
+        losses, effect, changes = _effect_calibrated(losses, tgt, run)
     m = len(S)
     return GradExResult(
         losses=losses[:-1], target_names=tgt.names, subsets=S.copy(),
@@ -295,7 +295,7 @@ def simulate(
         loss=loss, weighting=weighting, lam=0.0, accuracy=acc,
         extras={"estimator": "simulate", "optimizer": spec, "adam_as": adam_as, "calibrate": calibrate,
                 "lr_scale": scale, "steps": {"min": int(steps.min()), "max": int(steps.max())},
-                "exact_readout": list(read), "effect_scale": effect,
+                "exact_readout": list(read), "effect_scale": effect, "all_tasks_change": changes,
                 "readout_vs_projected": ({c: float(linear_parts[-1][0][i, -1] / linear_parts[-1][1][i, -1])
                                           for i, c in enumerate(read)} if linear_parts else {}),
                 "all_tasks_estimate": dict(zip(tgt.names, losses[-1].tolist()))},
@@ -317,24 +317,28 @@ def _readout_columns(source: HarvestedFeatures, tgt: _Target, loss: str, spec: d
 def _effect_calibrated(losses: np.ndarray, tgt: _Target, run: Mapping):
     """Scale each column's change from W0 so that the all-tasks row (last) equals the observed loss.
 
-    Returns the losses and ``{column: factor}`` (None where it was not applied: no observation, or
-    estimate and observation disagree on the direction of the change)."""
+    Returns the losses, ``{column: factor}`` (None where it was not applied: no observation, or
+    estimate and observation disagree on the direction of the change) and ``{column: {"w0": loss,
+    "estimated": change, "observed": change}}`` for the columns with an observation (the regime check of
+    :func:`.checks.linear_regime_notes`)."""
     observed = dict(run.get("final_losses") or {})
     if "all" not in observed and run.get("final_loss") is not None:
         observed["all"] = run["final_loss"]
     base = tgt.evaluate(torch.zeros(tgt.Jf.shape[1], 1, dtype=tgt.Jf.dtype, device=tgt.Jf.device), False, None)[0][0]
-    out, factors = losses.copy(), {}
+    out, factors, changes = losses.copy(), {}, {}
     for j, name in enumerate(tgt.names):
         obs = observed.get(name)
         est = losses[-1, j] - base[j]
         factor = None
-        if obs is not None and math.isfinite(float(obs)) and est != 0:
-            f = (float(obs) - base[j]) / est
-            factor = float(f) if math.isfinite(f) and f > 0 else None
+        if obs is not None and math.isfinite(float(obs)):
+            changes[name] = {"w0": float(base[j]), "estimated": float(est), "observed": float(obs) - float(base[j])}
+            if est != 0:
+                f = (float(obs) - base[j]) / est
+                factor = float(f) if math.isfinite(f) and f > 0 else None
         if factor is not None:
             out[:, j] = base[j] + factor * (losses[:, j] - base[j])
         factors[name] = factor
-    return out, factors
+    return out, factors, changes
 
 
 def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype) -> float:

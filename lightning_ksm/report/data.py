@@ -292,6 +292,14 @@ class AttributionReport:
             raise ValueError(f"unknown method {method!r}; this report has {list(self.scores)}")
         return method
 
+    def warnings(self) -> list:
+        """What qualifies every number of the report, said first wherever it is shown: that only part
+        of the harvest was analysed, and any GradEx estimate outside its regime (``fit_quality``
+        ``"warnings"``)."""
+        fq = self.fit_quality
+        out = [str((fq.get("notes") or ["PARTIAL HARVEST"])[0])] if fq.get("partial_harvest") else []
+        return out + [str(w) for w in fq.get("warnings", [])]
+
     # -- rankings --------------------------------------------------------------------------------
 
     def ranked(self, target: str | int | None = None, method: str | None = None) -> list:

@@ -128,6 +128,10 @@ _FIT_EXPLAIN = {
     "gradex_exact_readout": "Target columns whose first-order loss change was read exactly, without the "
     "random projection.",
     "gradex_effect_scale": "Per target column, the factor of the effect calibration (none: not applied).",
+    "gradex_all_tasks_change": "Per target column, its W0 loss and the change from W0 of the linearized "
+    "all-tasks run (estimated) and of the watched run (observed).",
+    "linear_regime": "False when the linearized all-tasks run does not follow the watched run (the "
+    "other direction, or more than 3x off): the estimates are a rough ranking at most.",
 }
 
 
@@ -162,7 +166,7 @@ def _fit_section(report: "AttributionReport") -> str:
         return "".join(out) + "<p><em>No fit-quality measures were recorded.</em></p>"
     rows = []
     for k, v in fq.items():
-        if k == "notes":
+        if k in ("notes", "warnings"):  # listed below, in full
             continue
         if isinstance(v, dict):
             val = ", ".join(f"{e(a)}={_num(b)}" for a, b in _flat(v))
@@ -172,7 +176,7 @@ def _fit_section(report: "AttributionReport") -> str:
             val = _num(v)
         rows.append([e(k), val, e(_FIT_EXPLAIN.get(k, ""))])
     out.append(_table(["measure", "value", "meaning"], rows))
-    notes = fq.get("notes")
+    notes = list(fq.get("warnings") or []) + list(fq.get("notes") or [])
     if notes:
         out.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     return "".join(out)
@@ -417,8 +421,7 @@ def render_html(report: "AttributionReport") -> str:
     level = report.intervals.get("level")
     body = [
         "<h1>Task attribution report</h1>",
-        *([f"<p class=bad><b>{e(str((report.fit_quality.get('notes') or ['PARTIAL HARVEST'])[0]))}</b></p>"]
-          if report.fit_quality.get("partial_harvest") else []),  # analysed with allow_partial
+        *[f"<p class=bad><b>{e(w)}</b></p>" for w in report.warnings()],  # said first
         f"<p>{K} source tasks \u00d7 {T} targets \u00b7 method <b>{e(dm)}</b> \u00b7 created {e(report.created_at)}"
         + (f" \u00b7 intervals: {level:.0%} bootstrap over the fitted subsets" if level else "") + "</p>",
         "<h2>How to read this page</h2>",

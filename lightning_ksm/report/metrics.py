@@ -41,6 +41,7 @@ def summary_metrics(report: "AttributionReport", prefix: str = "ksm") -> dict:
             put(f"{prefix}/score/{gk}/{tk}", sc[k, t])
     for key, value in report.fit_quality.items():
         put(f"{prefix}/fit/{_metric_keys([key])[0]}", value)
+    put(f"{prefix}/fit/warnings", len(report.warnings()))  # > 0: read the report's warnings first
     for e in report.best_subsets:
         gk = gkeys[report.target_index(e["target"])]
         put(f"{prefix}/best_subset/{gk}/size_{len(e['tasks'])}/predicted_loss", e.get("predicted_loss"))

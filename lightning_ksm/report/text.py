@@ -97,8 +97,8 @@ def render_text(
         f"ranked by '{method}'",
         "score = predicted increase of the target loss when the task is removed (> 0: the task helps)",
     ]
-    if report.fit_quality.get("partial_harvest"):  # analysed with allow_partial: said first
-        lines.insert(0, "WARNING: " + s(str((report.fit_quality.get("notes") or ["PARTIAL HARVEST"])[0])))
+    for warning in reversed(report.warnings()):  # said first
+        lines.insert(0, "WARNING: " + s(warning))
     if iv is not None:
         lines.append(f"[lo, hi] = {level:.0%} bootstrap interval over the fitted subsets; "
                      "'~' = within noise (the interval contains 0)")
