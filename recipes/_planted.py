@@ -54,13 +54,11 @@ def classifier(recipe, cfg, w0: dict):
             super().__init__()
             self.net = recipe.new_model(w0)
 
-        def train(self, mode: bool = True):
-            super().train(mode)
+        def on_train_batch_start(self, batch, batch_idx):  # after Lightning set the train modes
             if frozen_norm:
                 for m in self.modules():
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            return self
 
         def forward(self, x):
             return recipe.logits(self.net, x)
@@ -203,7 +201,7 @@ def run(recipe, cfg, out_dir: str, *, retrain: bool = True, log=print) -> dict:
     """The four steps for one configuration of ``recipe`` (the recipe's module: ``task_data``,
     ``make_w0``, ``new_model``, ``logits``, ``N_TASKS``, ``HARMFUL``); resumable through the files
     in ``out_dir``."""
-    from lightning_ksm import all_subsets
+    from lightning_ksm import all_subsets, analyze
     from lightning_ksm.report import AttributionReport
     from lightning_ksm.retrain import retrain_subsets
 
@@ -211,7 +209,10 @@ def run(recipe, cfg, out_dir: str, *, retrain: bool = True, log=print) -> dict:
     ksm_dir, w0_path = os.path.join(out_dir, "ksm"), os.path.join(out_dir, "w0.pt")
     report_dir = os.path.join(ksm_dir, "report")
     if os.path.exists(os.path.join(report_dir, "report.json")) and os.path.exists(w0_path):
-        report = AttributionReport.load(report_dir)
+        # resumed: the saved harvest analysed again by this version, with the first run's timings
+        saved = AttributionReport.load(report_dir)
+        report = analyze(ksm_dir, config=saved.config["analysis"])  # the callback's own settings
+        report.timings = saved.timings
     else:
         start = time.perf_counter()
         w0 = recipe.make_w0(cfg)
@@ -226,7 +227,7 @@ def run(recipe, cfg, out_dir: str, *, retrain: bool = True, log=print) -> dict:
     harmful = recipe.HARMFUL
     result = {"config": asdict(cfg), "projection": report.config["harvest"]["projector"]["kind"],
               "report_ranking": ranked, "report_scores": scores, "planted_task": str(harmful),
-              "planted_ranked_last_by_report": ranked[-1] == str(harmful),
+              "planted_ranked_last_by_report": ranked[-1] == str(harmful), "report_warnings": report.warnings(),
               "timings": {k: float(v) for k, v in report.timings.items()}}
     log(f"[{cfg.planted} seed {cfg.seed}] report ranking (most helpful first): {ranked}; projection "
         f"{result['projection']}; fit {result['timings']['attribution_fit']:.0f}s "
@@ -257,7 +258,8 @@ def summarize(runs: list) -> dict:
         rs = [r for r in runs if r["config"]["planted"] == kind]
         out[kind] = {"runs": len(rs),
                      "planted_ranked_last_by_report": sum(r["planted_ranked_last_by_report"] for r in rs),
-                     "planted_most_harmful_in_retraining": sum(r["planted_most_harmful_in_retraining"] for r in rs)}
+                     "planted_most_harmful_in_retraining": sum(r["planted_most_harmful_in_retraining"] for r in rs),
+                     "report_warned": sum(bool(r.get("report_warnings")) for r in rs)}
         for block in ("spearman", "spearman_within_size", "task_effect_spearman"):
             out[kind][block] = {k: _stats([r[block][k] for r in rs]) for k in rs[0][block]}
     return out
@@ -276,7 +278,8 @@ def tables(result: dict) -> str:
     for kind, m in (result.get("summary") or {}).items():
         sp, ws = m["spearman"], m["spearman_within_size"]
         lines.append(f"| **{kind}, mean** | {m['runs']} runs | planted last {m['planted_ranked_last_by_report']}/"
-                     f"{m['runs']} | most harmful in retraining {m['planted_most_harmful_in_retraining']}/{m['runs']} | "
+                     f"{m['runs']}, warned {m['report_warned']}/{m['runs']} | most harmful in retraining "
+                     f"{m['planted_most_harmful_in_retraining']}/{m['runs']} | "
                      f"{sp['gradex']['mean']:.2f} | {sp['minus_size']['mean']:.2f} | {sp['noise_ceiling']['mean']:.2f} | "
                      f"{ws['gradex']['mean']:.2f} | {ws['noise_ceiling']['mean']:.2f} | | |")
     return "\n".join(lines)
