@@ -31,6 +31,18 @@ import numpy as np
 import torch
 
 
+def plant(labels: torch.Tensor, tasks: torch.Tensor, harmful: int, kind: str, generator) -> torch.Tensor:
+    """Binary ``labels`` with the ``harmful`` task's made wrong: ``"flipped"`` (1 - y) or
+    ``"scrambled"`` (uniformly random)."""
+    if kind == "flipped":
+        wrong = 1 - labels
+    elif kind == "scrambled":
+        wrong = torch.randint(0, 2, labels.shape, generator=generator)
+    else:
+        raise ValueError(f"planted must be 'flipped' or 'scrambled', got {kind!r}")
+    return torch.where(tasks == harmful, wrong, labels)
+
+
 def trainer(epochs: int, root: str, callbacks=()):
     """The recipes' CPU trainer: no logger, checkpoints, progress bar or sanity validation."""
     import lightning.pytorch as L

@@ -84,14 +84,7 @@ def task_data(cfg: RecipeConfig):
     g = torch.Generator().manual_seed(1_000 + cfg.seed)
     tasks = torch.arange(N_TASKS).repeat_interleave(cfg.n_per_task)
     x = sequences(tasks, g)
-    y = true_label(x)
-    if cfg.planted == "flipped":
-        wrong = 1 - y
-    elif cfg.planted == "scrambled":
-        wrong = torch.randint(0, 2, y.shape, generator=g)
-    else:
-        raise ValueError(f"planted must be 'flipped' or 'scrambled', got {cfg.planted!r}")
-    y = torch.where(tasks == HARMFUL, wrong, y)
+    y = _planted.plant(true_label(x), tasks, HARMFUL, cfg.planted, g)
     tx = sequences(torch.arange(cfg.n_target) % N_TASKS, g)
     return TensorDataset(x, y, tasks), TensorDataset(tx, true_label(tx), torch.zeros(cfg.n_target, dtype=torch.long))
 

@@ -93,13 +93,7 @@ def task_data(cfg: RecipeConfig):
     orientation = torch.randint(0, 2, (n,), generator=g)
     freq = torch.tensor(FREQUENCIES)[tasks]
     x = gratings(n, orientation, torch.zeros(n, dtype=torch.long), freq, cfg.amplitude, g)
-    if cfg.planted == "flipped":
-        wrong = 1 - orientation
-    elif cfg.planted == "scrambled":
-        wrong = torch.randint(0, 2, (n,), generator=g)
-    else:
-        raise ValueError(f"planted must be 'flipped' or 'scrambled', got {cfg.planted!r}")
-    y = torch.where(tasks == HARMFUL, wrong, orientation)
+    y = _planted.plant(orientation, tasks, HARMFUL, cfg.planted, g)
     m = cfg.n_target
     t_orient = torch.randint(0, 2, (m,), generator=g)
     t_freq = torch.tensor(FREQUENCIES)[torch.arange(m) % N_TASKS]

@@ -135,13 +135,18 @@ def test_with_a_projection_the_readout_removes_the_first_order_error(k):
     assert np.mean(errors["readout"]) < 0.3 * np.mean(errors["projected"])
 
 
-def test_effect_calibration_hits_the_observed_loss_and_keeps_rankings():
+def _calibration_problem():
+    """Features with the exact readout, subsets, a recorded run, its uncalibrated estimate and F(W0)."""
     model, data, target = _problem(3)
     src, src_r, tgt = _features(model, data, target, "identity", None)
     S = sample_subsets(4, 12, p=0.6, seed=2)
     run = dict(RUNS["sgd_momentum"])
     plain = simulate(src_r, tgt, S, run)
-    f0 = float(np.mean(np.logaddexp(0.0, -tgt.outputs)))
+    return src_r, tgt, S, run, plain, float(np.mean(np.logaddexp(0.0, -tgt.outputs)))
+
+
+def test_effect_calibration_hits_the_observed_loss_and_keeps_rankings():
+    src_r, tgt, S, run, plain, f0 = _calibration_problem()
     observed = f0 + 0.5 * (plain.extras["all_tasks_estimate"]["all"] - f0)  # half the estimated change
     run["final_losses"] = {"all": observed}
     cal = simulate(src_r, tgt, S, run, calibrate="effect")
@@ -159,12 +164,7 @@ def test_effect_calibration_hits_the_observed_loss_and_keeps_rankings():
 def test_the_regime_check_notes_a_linearized_run_that_does_not_follow_the_watched_one():
     from lightning_ksm.estimation.checks import REGIME_FACTOR, linear_regime_notes
 
-    model, data, target = _problem(3)
-    src, src_r, tgt = _features(model, data, target, "identity", None)
-    S = sample_subsets(4, 12, p=0.6, seed=2)
-    run = dict(RUNS["sgd_momentum"])
-    plain = simulate(src_r, tgt, S, run)
-    f0 = float(np.mean(np.logaddexp(0.0, -tgt.outputs)))
+    src_r, tgt, S, run, plain, f0 = _calibration_problem()
     est = plain.extras["all_tasks_estimate"]["all"] - f0
     for factor, noted in ((1.0, False), (0.5, False), (2.0, False), (1.1 * REGIME_FACTOR, True),
                           (0.9 / REGIME_FACTOR, True), (-1.0, True)):  # -1: the other direction
