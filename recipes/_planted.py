@@ -18,6 +18,7 @@ at its defaults, and the scores read the whole brute-force table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -96,16 +97,16 @@ def train_loader(dataset, batch_size: int, seed: int):
 
 
 def attribution_run(recipe, cfg, w0: dict, run_dir: str):
-    """Fine-tune W0 on all tasks with the callback at its defaults (the target is the validation
-    loader); returns the callback's report."""
+    """Fine-tune W0 on all tasks with the callback at its defaults but ``cfg.projection`` (the
+    target is the validation loader); returns the callback's report."""
     import lightning.pytorch as L
 
     from lightning_ksm import TaskAttribution
 
     train, target = recipe.task_data(cfg)
     L.seed_everything(cfg.seed, verbose=False)
-    callback = TaskAttribution(seed=cfg.seed, dirpath=os.path.join(run_dir, "ksm"), progress=False,
-                               raise_on_analysis_error=True, overwrite=True)
+    callback = TaskAttribution(seed=cfg.seed, projection=cfg.projection, dirpath=os.path.join(run_dir, "ksm"),
+                               progress=False, raise_on_analysis_error=True, overwrite=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(cfg.epochs, run_dir, [callback]).fit(classifier(recipe, cfg, w0),
@@ -297,12 +298,31 @@ def tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _overrides(cfg, items) -> dict:
+    """``["lr=1e-5", "frozen_norm=true"]`` -> typed field values of the recipe's config."""
+    fields = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in fields or name in ("seed", "planted"):
+            raise SystemExit(f"--set {item!r}: the settings are {sorted(set(fields) - {'seed', 'planted'})} "
+                             "(seeds and planted labels have their own options)")
+        kind = fields[name]
+        try:
+            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError as exc:
+            raise SystemExit(f"--set {item!r}: {name} takes a {kind.__name__} ({exc})") from None
+    return out
+
+
 def main(recipe, argv, *, versions: dict) -> dict:
     """The recipes' command line: ``--quick`` (attribution runs only), ``--seeds``, ``--planted``."""
     parser = argparse.ArgumentParser(description=recipe.__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the attribution runs only (no retraining)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data / W0 / attribution-run seeds")
     parser.add_argument("--planted", nargs="+", default=["flipped"], choices=["flipped", "scrambled"])
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override recipe settings, e.g. --set lr=1e-5 projection=factorized")
     parser.add_argument("--out", default=None, help="working folder, kept and resumed (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--tables", default=None, metavar="JSON", help="print the tables of a results file")
@@ -313,11 +333,12 @@ def main(recipe, argv, *, versions: dict) -> dict:
             result = json.load(fh)
         print(tables(result))
         return result
+    base = replace(recipe.FULL, **_overrides(recipe.FULL, args.set))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.planted:
             for seed in args.seeds:
-                cfg = replace(recipe.FULL, seed=seed, planted=kind)
+                cfg = replace(base, seed=seed, planted=kind)
                 runs.append(run(recipe, cfg, os.path.join(args.out or tmp, f"{kind}_seed{seed}"), retrain=not args.quick))
     result = {"command": f"python -m {module_name(recipe)} " + " ".join(argv), "runs": runs,
               "summary": None if args.quick else summarize(runs),

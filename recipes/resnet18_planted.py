@@ -62,6 +62,7 @@ class RecipeConfig:
     batch_size: int = 16
     lr: float = 1e-4
     n_seeds: int = 3  # real retraining seeds
+    projection: str = "auto"  # the callback's projection (its default)
     frozen_norm: bool = False  # BatchNorm in eval mode while fine-tuning (see _planted.classifier)
     planted: str = "flipped"  # task 3's labels: "flipped" or "scrambled" (uniformly random)
     seed: int = 0  # data, W0 and the attribution run

@@ -210,6 +210,6 @@ def linear_regime_notes(all_tasks_change: Optional[dict], columns=("all",)) -> l
     if not off:
         return []
     return [f"GradEx's linearized run on all tasks does not follow the watched run: it changes target "
-            f"{'; '.join(off)} (per projection draw). The estimates and scores are a rough ranking at "
-            f"most; check the subsets and tasks you act on by retraining (docs/gradex.md, 'When the "
-            f"linearization does not hold')"]
+            f"{'; '.join(off)} (per projection draw). The estimated losses are not what training gives, "
+            f"and how well they rank subsets is not known from this run; check the subsets and tasks you "
+            f"act on by retraining (docs/gradex.md, 'When the linearization does not hold')"]

@@ -131,7 +131,7 @@ _FIT_EXPLAIN = {
     "gradex_all_tasks_change": "Per target column, its W0 loss and the change from W0 of the linearized "
     "all-tasks run (estimated) and of the watched run (observed).",
     "linear_regime": "False when the linearized all-tasks run does not follow the watched run (the "
-    "other direction, or more than 3x off): the estimates are a rough ranking at most.",
+    "other direction, or more than 3x off): the estimated losses are not what training gives; check by retraining.",
 }
 
 
