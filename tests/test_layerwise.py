@@ -59,6 +59,43 @@ def test_conv_batchnorm_and_the_preconditioner_equal_the_per_sample_path():
                            projector=projector_for_model(model, "sjlt", 48, seed=0, draws=2)).jacobians)
 
 
+class InPlaceAfterLayers(nn.Module):
+    """torchvision's habits: ReLU(inplace=True) on a Linear's and a BatchNorm's output, and a
+    residual added in place to a layer's output (BasicBlock's ``out += identity``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b, self.c = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.a(x)))
+        out = self.b(h)
+        out += h
+        return self.c(self.relu(out))
+
+
+@pytest.mark.parametrize("kind", ["sjlt", "tensorsketch"])
+def test_outputs_modified_in_place_after_a_layer_keep_their_gradients(kind):
+    torch.manual_seed(2)
+    model = InPlaceAfterLayers().double().eval()
+    model.bn.running_mean.normal_()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    proj = projector_for_model(model, kind, 32, seed=1)
+    vmap, hooks = _both(model, [(x, y, [0] * 8)], proj, mode="margin", chunk_size=4)
+    np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-9, atol=1e-12)
+
+
+def test_the_factorized_projection_takes_in_place_activations():
+    torch.manual_seed(2)
+    model = InPlaceAfterLayers().double().eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    feats = harvest(model, [(x, torch.randint(0, 3, (8,)), [0] * 8)], mode="margin",
+                    projector=projector_for_model(model, "factorized", 16, seed=1))  # raised HookCoverageError
+    assert np.isfinite(feats.jacobians).all() and np.abs(feats.jacobians).sum() > 0
+
+
 def test_large_layers_are_projected_in_groups_of_samples(monkeypatch):
     """The per-sample gradients of one layer are formed a few samples at a time (MAX_ENTRIES)."""
     import lightning_ksm.harvesting.layerwise as lw

@@ -128,6 +128,11 @@ class HookEngine:
         self.fallback_names = fallback
         self.checked = False  # the batch-gradient check runs on the first chunk (see _check_sums)
         self._leaves: dict = {}
+        # Modules whose output (or input) the model modifies in place after the module ran (e.g.
+        # torchvision's ReLU(inplace=True) after BatchNorm): the hooks keep a copy for those, or the
+        # output's gradient would be taken after the in-place op (found on the first chunk).
+        self._copy_out: set = set()
+        self._copy_in: set = set()
 
     # -- what subclasses define ----------------------------------------------------------------
     def _per_sample_roles(self, projector) -> frozenset:
@@ -181,17 +186,24 @@ class HookEngine:
         calls: dict = {m: [] for m in modules}
         n = labels.shape[0]
 
+        versions: dict = {m: [] for m in modules}
+
         def hook(module, inp, out):
             x = inp[0]
+            if module in self._copy_in:
+                x = x.detach().clone()  # the values the module saw; the model changes x in place later
+            replaced = None
             if n > 1 and out.dim() > 0 and out.shape[0] == 1:
                 # Computed once for the batch and broadcast (e.g. GPT-2's position embeddings): expand
                 # it, so that the gradient is taken per sample rather than summed over the batch.
                 out = out.expand(n, *out.shape[1:])
                 x = x.expand(n, *x.shape[1:]) if x.dim() > 0 and x.shape[0] == 1 else x
-                calls[module].append((x, out))
-                return out
+                replaced = out
+            if module in self._copy_out:
+                replaced = out.clone()  # the in-place op downstream modifies the copy, not `out`
             calls[module].append((x, out))
-            return None
+            versions[module].append((x, x._version, out._version))
+            return replaced
 
         handles = [m.register_forward_hook(hook) for m in modules]
         try:
@@ -199,6 +211,12 @@ class HookEngine:
         finally:
             for h in handles:
                 h.remove()
+        changed_out = {m for m in modules for (_, o), (_, _, v) in zip(calls[m], versions[m]) if o._version != v}
+        changed_in = {m for m in modules for x, v, _ in versions[m] if x._version != v}
+        if changed_out - self._copy_out or changed_in - self._copy_in:  # once: redo with copies
+            self._copy_out |= changed_out
+            self._copy_in |= changed_in
+            return self._chunk(xs, labels, n_classes)
         vector = self.mode == "logits"
         scalars = [out[:, c] for c in range(n_classes)] if vector else [scalarize(self.mode, out, labels)]
         outputs = [o for m in modules for _, o in calls[m]]
