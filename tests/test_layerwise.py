@@ -223,7 +223,10 @@ def test_auto_picks_the_tensor_sketch_where_the_hooks_form_most_weights_from_bot
     assert pick(seq, proj_dim=512) == "sjlt"  # narrower than where the tensor sketch was measured
     assert pick(seq, proj_dim=1026) == "sjlt"  # does not split into the sketch's 4 bands
     convs = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.Flatten(), nn.Linear(128, 2))
-    assert pick(convs) == "sjlt"  # conv weights go per sample either way
+    assert pick(convs) == "factorized"  # convolution-heavy (docs/gradex.md: the pre-registered test)
+    assert pick(convs, grad_engine="vmap") == "sjlt"
+    depthwise = nn.Sequential(nn.Conv2d(32, 32, 3, groups=32), nn.Conv2d(32, 32, 3, groups=32), nn.Linear(4, 2))
+    assert pick(depthwise, proj_dim=16) == "sjlt"  # grouped convolutions: the hooks do not cover them
     for kind in ("sjlt", "gaussian", "tensorsketch", "factorized"):
         assert pick(seq, projection=kind) == kind  # an explicit choice is kept
     d = sum(p.numel() for p in seq.parameters())

@@ -96,10 +96,13 @@ def resolve_projection(model: nn.Module, names: Sequence[str], config: HarvestCo
     - ``auto``: ``tensorsketch`` when the layer hooks form at least half of the selected weights
       from both sides of their outer products (Linear, GPT-2 Conv1D, Embedding) and
       ``grad_engine="hooks"``, ``proj_dim >= AUTO_TENSORSKETCH_MIN_K`` and ``proj_dim`` splits into
-      the sketch's bands; ``sjlt`` otherwise (convolution-heavy models, whose weights go per
-      sample either way, and the ``vmap`` reference path). Both were measured equally faithful
-      against real retraining (benchmarks/results/factorized_fidelity.json); the tensor sketch is
-      3-10x faster where it applies (benchmarks/results/harvest_throughput.json).
+      the sketch's bands (measured as faithful as the SJLT against real retraining,
+      benchmarks/results/factorized_fidelity.json, and 3-10x faster where it applies,
+      benchmarks/results/harvest_throughput.json); ``factorized`` when ``nn.Conv2d`` weights the
+      hooks cover hold at least half of them (torchvision's ResNet-18 against real retraining:
+      at least as faithful as the SJLT and 30-60x faster to harvest, a pre-registered test,
+      benchmarks/results/resnet18_planted_lr1e-5_factorized.json); ``sjlt`` otherwise (and on the
+      ``vmap`` reference path).
     - any other value: itself.
     """
     kind = config.projection
@@ -109,9 +112,15 @@ def resolve_projection(model: nn.Module, names: Sequence[str], config: HarvestCo
         return "identity"
     if kind != "auto":
         return kind
-    if config.grad_engine != "hooks" or config.proj_dim < AUTO_TENSORSKETCH_MIN_K or config.proj_dim % BANDS:
+    if config.grad_engine != "hooks":
         return "sjlt"
     covered, _ = covered_parameters(model, names)
-    two_sided = sum(shapes[n].numel() for n, uses in covered.items()
-                    if all(role in TWO_SIDED_ROLES for _, role in uses))
-    return "tensorsketch" if 2 * two_sided >= d else "sjlt"
+
+    def share(roles) -> int:
+        return sum(shapes[n].numel() for n, uses in covered.items() if all(role in roles for _, role in uses))
+
+    if 2 * share(TWO_SIDED_ROLES) >= d and config.proj_dim >= AUTO_TENSORSKETCH_MIN_K and not config.proj_dim % BANDS:
+        return "tensorsketch"
+    if 2 * share(("conv",)) >= d:
+        return "factorized"  # convolution-heavy: measured as faithful as the SJLT there, 30-60x faster
+    return "sjlt"
