@@ -200,7 +200,8 @@ class HarvestConfig(_Settings):
     projection: str = setting(
         "auto", "random projection of the per-sample gradients: auto (tensorsketch when Linear, GPT-2 "
         "Conv1D and Embedding weights hold at least half of the selected parameters, grad_engine is "
-        "hooks and proj_dim >= 1024 is a multiple of 4, sjlt otherwise; docs/gradex.md), sjlt (sparse sign sketch), gaussian, rademacher, "
+        "hooks and proj_dim >= 1024 is a multiple of 4; factorized when covered Conv2d weights hold at "
+        "least half, with hooks; sjlt otherwise; docs/gradex.md), sjlt (sparse sign sketch), gaussian, rademacher, "
         "tensorsketch (a sparse sign sketch with a structured hash: the layer hooks form it from both "
         "sides of each outer product, no per-sample weight gradient; the preconditioner enters as a "
         "rank-one approximation per matrix), identity (no projection: tiny models only), factorized "
