@@ -8,11 +8,12 @@ Setup (everything synthetic, seeded):
 - **Images**: 3 x 16 x 16, unit Gaussian noise plus a grating (a sine along rows or columns, random
   phase) in one colour channel.
 - **W0**: ResNet-18 (random init) trained for ``pretrain_steps`` on a pretext task, the grating's
-  orientation x channel 1 or 2 (4 classes); then a fresh 2-class head. Like an ImageNet backbone, it
-  has seen the kind of feature the fine-tuning needs, but not the fine-tuning task.
+  orientation x frequency band (below or above 3.75 cycles; any channel: 4 classes); then a fresh
+  2-class head. Like an ImageNet backbone, it has seen the kind of feature the fine-tuning needs,
+  but not the fine-tuning task.
 - **Fine-tuning tasks**: K = 4 tasks of ``n_per_task`` images with the grating in channel 0, label =
   its orientation; task k's gratings have frequency ``FREQUENCIES[k]``. Task 3 is the planted
-  harmful task: its labels are flipped.
+  harmful task: its labels are flipped (or scrambled, ``planted``).
 - **Target**: held-out images of all four frequencies with their true labels (the validation loader).
 
 What the recipe does:
@@ -23,13 +24,14 @@ What the recipe does:
    subsets, with the callback's own estimator.
 3. **Real retraining** (:func:`lightning_ksm.retrain.retrain_subsets`): fine-tune a fresh W0 on every
    subset, the same trainer and data, with ``n_seeds`` batch-order seeds.
-4. **Scores**: the planted task's rank in the report and in real retraining (each task's mean real
-   effect over the subsets, brute force), the Spearman correlation of F^ and the real F over the 15
+4. **Scores**: the planted task's rank in the report and in real retraining (each task's effect:
+   its least-squares coefficient in the real F over all 15 subsets), the Spearman correlation of F^ and the real F over the 15
    subsets and within subset size, the trivial baseline ``F^ = -|s|``, and the noise ceiling (real F
    of one seed against another). Nothing is tuned: the defaults are what the callback uses.
 
-``python -m recipes.resnet18_planted --quick`` runs step 1 only (about a minute; the test's mode);
-the full run writes ``benchmarks/results/resnet18_planted.json``. Needs ``torchvision``.
+``python -m recipes.resnet18_planted --quick`` runs step 1 only (about 30 s; the test's mode); the
+full run writes ``benchmarks/results/resnet18_planted.json`` (``docs/results.md`` section 6; the
+shared steps are ``recipes/_planted.py``). Needs ``torchvision``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def task_data(cfg: RecipeConfig):
 
 
 def make_w0(cfg: RecipeConfig) -> dict:
-    """ResNet-18 trained on the pretext task (orientation x channel 1/2), with a fresh 2-class head."""
+    """ResNet-18 trained on the pretext task (orientation x frequency band), with a fresh 2-class head."""
     import torchvision
 
     torch.manual_seed(cfg.seed)
