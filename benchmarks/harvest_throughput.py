@@ -144,7 +144,8 @@ def _default_path(name: str) -> str:
 
     model = build(name)[0]
     kind = resolve_projection(model, select_parameters(model), HarvestConfig())
-    return {"tensorsketch": "tensorsketch", "sjlt": "hooks"}[kind]
+    # the factorized row runs at 256 per parameter; auto's factorized projection takes proj_dim (1024)
+    return {"tensorsketch": "tensorsketch", "sjlt": "hooks", "factorized": "factorized"}[kind]
 
 
 def measure_memory(name: str, path: str) -> dict:
