@@ -22,6 +22,7 @@ from .readouts import (
     support_of,
 )
 from .readouts.scores import _ensemble_from, _predict2d
+from .report.text import left_support_reason
 
 __all__ = ["assemble_readouts", "focus_targets", "default_groups"]
 
@@ -115,13 +116,14 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
         })
         if b.outside is not None:
             om, ov = b.outside
-            entry["left_support"] = {
+            left = {
                 "tasks": [task_names[k] for k in np.flatnonzero(om)], "size": int(om.sum()),
                 "distance": int(support.distance(om[None])[0]),
+                "outside_evidence": not bool(support.contains(om[None])[0]),
                 "predicted_loss": float(ov) if _ok(ov, floor) else None,
-                "note": "the search found a lower prediction outside the surrogate's evidence"
-                        + ("" if _ok(ov, floor) else " (at an impossible loss)") + "; it is not recommended",
             }
+            left["note"] = f"the search found a lower prediction {left_support_reason(left)}; it is not recommended"
+            entry["left_support"] = left
         best.append((entry, mask))
 
     # co-training groups (every source task is also a target)

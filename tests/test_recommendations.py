@@ -50,8 +50,21 @@ def test_the_report_says_when_the_search_left_the_support():
     e = rep.best_subsets[0]
     assert e["predicted_loss"] >= 0 and e["size"] >= 8
     assert e["left_support"]["predicted_loss"] is None  # an impossible loss is never shown
-    assert "outside the evidence" in rep.to_text() and "outside the surrogate" in rep.to_html()
+    assert e["left_support"]["outside_evidence"] is True
+    assert "outside the surrogate's evidence" in rep.to_text() and "outside the surrogate" in rep.to_html()
+    assert "at a loss below the lowest possible" in rep.to_text()  # both reasons are said
     assert e["predicted_interval"][0] <= e["predicted_loss"] <= e["predicted_interval"][1]
+
+
+def test_a_better_looking_subset_at_an_impossible_loss_inside_the_evidence_is_named_as_such():
+    from lightning_ksm.report.text import left_support_reason
+
+    inside = {"size": 3, "distance": 0, "outside_evidence": False, "predicted_loss": None}
+    assert left_support_reason(inside) == "at a loss below the lowest possible"  # not "outside the evidence"
+    outside = {"size": 3, "distance": 2, "outside_evidence": True, "predicted_loss": 0.1}
+    assert left_support_reason(outside) == "outside the surrogate's evidence (distance 2 from the fitted subsets)"
+    assert left_support_reason({"size": 3, "distance": 0, "predicted_loss": None}) == \
+        "at a loss below the lowest possible"  # a report saved before the field existed
 
 
 def _truth(S):

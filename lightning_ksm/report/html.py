@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .svg import color_limit, diverging_color, e, heatmap_svg
-from .text import format_number, strongest_pairs
+from .text import format_number, left_support_reason, strongest_pairs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import AttributionReport
@@ -284,8 +284,8 @@ def _subset_table(report: "AttributionReport", entries: list) -> str:
                 "" if exact is None else ("exhaustive" if exact else "heuristic")]
         if "left_support" in entry:
             ls = entry["left_support"]
-            row[2] += (f'<div class="warn">A {ls["size"]}-task subset outside the surrogate\'s evidence '
-                       f'(distance {ls["distance"]}) looked better; it is not recommended.</div>')
+            row[2] += (f'<div class="warn">A {ls["size"]}-task subset {e(left_support_reason(ls))} looked '
+                       'better; it is not recommended.</div>')
         rows.append(row)
     header = ["target", "size", "tasks", "predicted loss"] + (["GradEx loss"] if gradex else []) + \
         ["all-tasks loss", "improvement", "better than all tasks (bootstrap)", "search"]

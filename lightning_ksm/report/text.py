@@ -164,6 +164,17 @@ def render_text(
     return "\n".join(lines) + "\n"
 
 
+def left_support_reason(ls: dict) -> str:
+    """Why the better-looking subset of a best-subset entry's ``left_support`` is not recommended:
+    outside the surrogate's evidence, at a loss the loss cannot take, or both."""
+    reasons = []
+    if ls.get("outside_evidence", ls.get("distance", 0) > 0):
+        reasons.append(f"outside the surrogate's evidence (distance {ls['distance']} from the fitted subsets)")
+    if ls.get("predicted_loss") is None:
+        reasons.append("at a loss below the lowest possible")
+    return " and ".join(reasons) or "outside the surrogate's evidence"
+
+
 def _subset_lines(e: dict, s) -> list:
     how = "" if "exact" not in e else (", exhaustive search" if e["exact"] else ", heuristic search")
     pl = format_number(e.get("predicted_loss"), ".3g")
@@ -182,8 +193,8 @@ def _subset_lines(e: dict, s) -> list:
                    f"{format_number(e.get('full_set_gradex_loss'), '.3g')})")
     if "left_support" in e:
         ls = e["left_support"]
-        out.append(f"    note: a {ls['size']}-task subset outside the evidence (distance {ls['distance']}) looked "
-                   "better to the surrogate; not recommended")
+        out.append(f"    note: a {ls['size']}-task subset {left_support_reason(ls)} looked better to the "
+                   "surrogate; not recommended")
     return out
 
 
