@@ -44,13 +44,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="as the recipe's --set")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    base_cfg = dataclasses.replace(rn.FULL, projection=args.projection, **_planted._overrides(rn.FULL, args.set))
+    overrides = _planted._overrides(rn.FULL, args.set)
+    if "projection" in overrides:
+        raise SystemExit("give the projection with --projection, not --set projection=")
+    base_cfg = dataclasses.replace(rn.FULL, projection=args.projection, **overrides)
     runs = []
     for kind in ("flipped", "scrambled"):
         for seed in (0, 1, 2):
             name = f"{kind}_seed{seed}"
             out, base = os.path.join(args.out, name), os.path.join(args.base, name)
             os.makedirs(out, exist_ok=True)
+            # the base run's retrainings apply only to the same settings but the projection
+            _planted.check_settings(base, dataclasses.replace(base_cfg, planted=kind, seed=seed), ignore=("projection",))
             for s in range(base_cfg.n_seeds):
                 if not os.path.exists(os.path.join(out, f"retrain_seed{s}")):
                     shutil.copytree(os.path.join(base, f"retrain_seed{s}"), os.path.join(out, f"retrain_seed{s}"))

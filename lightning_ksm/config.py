@@ -209,7 +209,9 @@ class HarvestConfig(_Settings):
         "proj_dim is then the budget per parameter)", one_of(PROJECTIONS), choices=PROJECTIONS)
     proj_dim: int = setting(1024, "projection dimension k (of each draw); when the selected parameters have "
                             "no more than k x proj_draws entries, their exact gradients are stored instead "
-                            "(no projection)",
+                            "(no projection); for the factorized projection (auto's choice for "
+                            "convolution-heavy models) a budget per parameter, one draw: the features are "
+                            "wider (31,106 per sample on ResNet-18 at 1024)",
                             int_at_least(1))
     proj_draws: int = setting(
         2, "independent projections of size proj_dim harvested side by side; GradEx estimates with "

@@ -154,7 +154,9 @@ def gradex_on_subsets(ksm_dir: str, S: np.ndarray) -> np.ndarray:
     cols = [int(n) for n in source.task_names]  # the store's task order
     with open(os.path.join(ksm_dir, "run.json"), encoding="utf-8") as fh:
         run_record = json.load(fh)
-    est = estimate_subsets(source, target, S[:, cols].astype(np.int64), AnalysisConfig(), run=run_record)
+    with open(os.path.join(ksm_dir, "report", "report.json"), encoding="utf-8") as fh:
+        config = AnalysisConfig.from_dict(json.load(fh)["config"]["analysis"])  # the callback's own
+    est = estimate_subsets(source, target, S[:, cols].astype(np.int64), config, run=run_record)
     return est.losses[:, list(est.target_names).index("all")]
 
 
@@ -205,6 +207,24 @@ def score(S: np.ndarray, E: np.ndarray, real: np.ndarray, report_scores: dict, h
     }
 
 
+def check_settings(out_dir: str, cfg, ignore=()) -> None:
+    """Refuse to resume ``out_dir`` with other settings than the ones it was made with (its
+    ``settings.json``, written on the first run): its harvest and retrainings would not be this
+    configuration's. ``ignore``: fields allowed to differ."""
+    path = os.path.join(out_dir, "settings.json")
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            theirs = {k: v for k, v in json.load(fh).items() if k not in ignore}
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            what = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
+            raise SystemExit(f"{out_dir} was made with other settings ({what}); use another --out")
+    elif not ignore:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(asdict(cfg), fh, indent=2)
+
+
 def module_name(recipe) -> str:
     """The recipe's importable name, also when it runs as ``python -m`` (``__main__``)."""
     return getattr(recipe.__spec__, "name", None) or recipe.__name__
@@ -219,6 +239,7 @@ def run(recipe, cfg, out_dir: str, *, retrain: bool = True, log=print) -> dict:
     from lightning_ksm.retrain import retrain_subsets
 
     os.makedirs(out_dir, exist_ok=True)
+    check_settings(out_dir, cfg)
     ksm_dir, w0_path = os.path.join(out_dir, "ksm"), os.path.join(out_dir, "w0.pt")
     report_dir = os.path.join(ksm_dir, "report")
     if os.path.exists(os.path.join(report_dir, "report.json")) and os.path.exists(w0_path):

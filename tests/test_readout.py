@@ -181,6 +181,7 @@ def test_the_regime_check_notes_a_linearized_run_that_does_not_follow_the_watche
     assert linear_regime_notes({"all": [ok, ok]}) == [] and len(linear_regime_notes({"all": [ok, off]})) == 1
     assert linear_regime_notes({"all": {"w0": 0.7, "estimated": 0.0004, "observed": -0.0034}}) == []
     assert len(linear_regime_notes({"all": {"w0": 0.5, "estimated": 2.2, "observed": 0.003}})) == 1
+    assert linear_regime_notes({"all": {"w0": 0.0, "estimated": 0.0, "observed": 0.0}}) == []  # nothing moved
 
 
 def test_adam_preconditioner_is_one_over_the_root_of_the_root_of_v_hat():

@@ -228,3 +228,15 @@ def test_planted_scores_on_a_known_outcome():
     # within size: sizes 1, 2 and 3 (4, 6 and 4 subsets); a reversed estimate scores -1 there
     assert _planted.within_size(S, -F, F) == pytest.approx(-1.0)
     assert _planted.within_size(S, F, F) == pytest.approx(1.0)
+
+
+def test_a_planted_run_folder_is_not_resumed_with_other_settings(tmp_path):
+    from dataclasses import replace
+
+    from recipes import gpt2_planted as g2
+
+    _planted.check_settings(str(tmp_path), g2.FULL)  # first run: writes settings.json
+    _planted.check_settings(str(tmp_path), g2.FULL)  # the same settings resume
+    with pytest.raises(SystemExit, match="lr: 0.001 there, 0.0001 now"):
+        _planted.check_settings(str(tmp_path), replace(g2.FULL, lr=1e-4))
+    _planted.check_settings(str(tmp_path), replace(g2.FULL, projection="sjlt"), ignore=("projection",))

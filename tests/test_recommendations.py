@@ -65,6 +65,8 @@ def test_a_better_looking_subset_at_an_impossible_loss_inside_the_evidence_is_na
     assert left_support_reason(outside) == "outside the surrogate's evidence (distance 2 from the fitted subsets)"
     assert left_support_reason({"size": 3, "distance": 0, "predicted_loss": None}) == \
         "at a loss below the lowest possible"  # a report saved before the field existed
+    missed = {"size": 3, "distance": 0, "outside_evidence": False, "predicted_loss": 0.2}  # the local search
+    assert left_support_reason(missed) == "that the search inside the evidence did not reach"
 
 
 def _truth(S):

@@ -251,7 +251,7 @@ def _summary(report, config: AnalysisConfig) -> str:
     lines = [
         *(["  PARTIAL HARVEST: only part of the data was analysed (see fit_quality notes)"]
           if fq.get("partial_harvest") else []),
-        *[f"  WARNING: {_safe(w)}" for w in fq.get("warnings", [])],
+        *[f"  WARNING: {_safe(w)}" for w in fq.get("warnings") or []],
         f"  {report.n_tasks} source tasks, {report.n_targets} targets, {config.n_subsets} subsets "
         f"(seed {config.seed}), kernel {config.kernel}",
         f"  surrogate held-out LDS {_num(fq.get('heldout_lds'), '.3f')} "

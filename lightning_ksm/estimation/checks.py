@@ -200,7 +200,8 @@ def linear_regime_notes(all_tasks_change: Optional[dict], columns=("all",)) -> l
             continue
         entries = entries if isinstance(entries, list) else [entries]
         obs = entries[0]["observed"]
-        if max(abs(obs), *(abs(e["estimated"]) for e in entries)) < REGIME_MIN_CHANGE * abs(entries[0]["w0"]):
+        moved = max(abs(obs), *(abs(e["estimated"]) for e in entries))
+        if moved == 0 or moved < REGIME_MIN_CHANGE * abs(entries[0]["w0"]):
             continue
         ratios = [abs(e["estimated"] / obs) if obs else math.inf for e in entries]
         if any(e["estimated"] * obs < 0 or not (1 / REGIME_FACTOR <= r <= REGIME_FACTOR)

@@ -298,7 +298,7 @@ class AttributionReport:
         ``"warnings"``)."""
         fq = self.fit_quality
         out = [str((fq.get("notes") or ["PARTIAL HARVEST"])[0])] if fq.get("partial_harvest") else []
-        return out + [str(w) for w in fq.get("warnings", [])]
+        return out + [str(w) for w in fq.get("warnings") or []]
 
     # -- rankings --------------------------------------------------------------------------------
 

@@ -172,7 +172,7 @@ def left_support_reason(ls: dict) -> str:
         reasons.append(f"outside the surrogate's evidence (distance {ls['distance']} from the fitted subsets)")
     if ls.get("predicted_loss") is None:
         reasons.append("at a loss below the lowest possible")
-    return " and ".join(reasons) or "outside the surrogate's evidence"
+    return " and ".join(reasons) or "that the search inside the evidence did not reach"
 
 
 def _subset_lines(e: dict, s) -> list:
