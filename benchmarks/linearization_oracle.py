@@ -52,17 +52,6 @@ SEEDS = (0, 1)
 EPS = 1e-4
 
 
-class Logits(torch.nn.Module):
-    """The recipe's network as a module whose forward gives the logits (one call for functional_call)."""
-
-    def __init__(self, recipe, net):
-        super().__init__()
-        self.recipe, self.net = recipe, net
-
-    def forward(self, x):
-        return self.recipe.logits(self.net, x)
-
-
 def oracle(recipe, cfg) -> dict:
     from torch.func import functional_call
 
@@ -72,7 +61,8 @@ def oracle(recipe, cfg) -> dict:
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _planted.trainer(cfg.epochs, root).fit(module, _planted.train_loader(train, cfg.batch_size, cfg.seed))
-    net0, net_t = Logits(recipe, recipe.new_model(w0)).double().eval(), Logits(recipe, module.net).double().eval()
+    # the recipe's LightningModule: its forward gives the logits (one call for functional_call)
+    net0, net_t = _planted.classifier(recipe, cfg, w0).double().eval(), module.double().eval()
     x, y, _ = target.tensors
     x = x.double() if x.is_floating_point() else x
     p0 = {k: v.detach() for k, v in net0.named_parameters()}

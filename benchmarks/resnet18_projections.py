@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="as the recipe's --set")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    overrides = _planted._overrides(rn.FULL, args.set)
+    overrides = _planted.parse_overrides(rn.FULL, args.set)
     if "projection" in overrides:
         raise SystemExit("give the projection with --projection, not --set projection=")
     base_cfg = dataclasses.replace(rn.FULL, projection=args.projection, **overrides)

@@ -319,7 +319,7 @@ def tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _overrides(cfg, items) -> dict:
+def parse_overrides(cfg, items) -> dict:
     """``["lr=1e-5", "frozen_norm=true"]`` -> typed field values of the recipe's config."""
     fields = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     out = {}
@@ -354,7 +354,7 @@ def main(recipe, argv, *, versions: dict) -> dict:
             result = json.load(fh)
         print(tables(result))
         return result
-    base = replace(recipe.FULL, **_overrides(recipe.FULL, args.set))
+    base = replace(recipe.FULL, **parse_overrides(recipe.FULL, args.set))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.planted:

@@ -240,3 +240,18 @@ def test_a_planted_run_folder_is_not_resumed_with_other_settings(tmp_path):
     with pytest.raises(SystemExit, match="lr: 0.001 there, 0.0001 now"):
         _planted.check_settings(str(tmp_path), replace(g2.FULL, lr=1e-4))
     _planted.check_settings(str(tmp_path), replace(g2.FULL, projection="sjlt"), ignore=("projection",))
+
+
+def test_bad_recipe_overrides_and_planted_kinds_are_refused_by_name():
+    from recipes import resnet18_planted as rn
+
+    assert _planted.parse_overrides(rn.FULL, ["lr=1e-5", "frozen_norm=true", "projection=sjlt"]) == \
+        {"lr": 1e-5, "frozen_norm": True, "projection": "sjlt"}
+    with pytest.raises(SystemExit, match="'learning_rate=1'.*the settings are .*'lr'"):
+        _planted.parse_overrides(rn.FULL, ["learning_rate=1"])
+    with pytest.raises(SystemExit, match="lr takes a float"):
+        _planted.parse_overrides(rn.FULL, ["lr=fast"])
+    with pytest.raises(SystemExit, match="own options"):
+        _planted.parse_overrides(rn.FULL, ["seed=3"])
+    with pytest.raises(ValueError, match="planted must be 'flipped' or 'scrambled', got 'swapped'"):
+        _planted.plant(torch.zeros(4, dtype=torch.long), torch.arange(4), 3, "swapped", torch.Generator())
