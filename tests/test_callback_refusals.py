@@ -107,3 +107,39 @@ def test_an_earlier_harvest_with_a_target_group_named_all_says_what_to_rename(tm
     assert main(["analyze", str(tmp_path / "ksm"), "--n-subsets", "20", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "named 'all'" in err and "rename that task or loader" in err and "duplicate" not in err
+
+
+class WithCallbacks(AnyVal):
+    """callbacks from configure_callbacks (Lightning's own state-key check runs only on Trainer's)."""
+
+    def __init__(self, callbacks):
+        super().__init__()
+        self.extra = callbacks
+
+    def configure_callbacks(self):
+        return self.extra
+
+
+def test_two_callbacks_in_one_trainer_need_their_own_dirpath(tmp_path):
+    """Was: one state key and one output directory; the second callback read the first's W0 as an
+    earlier run's (or, with overwrite=True, deleted it)."""
+    train, val = loaders(*make_data())
+    both = [TaskAttribution(overwrite=True, **FAST), TaskAttribution(overwrite=True, **FAST)]
+    _refused(tmp_path / "a", [], train, val, r"two attribution callbacks.*dirpath=None and dirpath=None.*"
+             r"give each its own dirpath", model=WithCallbacks(both))
+    assert not os.path.exists(tmp_path / "a" / "ksm")  # refused at setup: nothing was written
+    # Two spellings of one directory: two state keys, one set of files.
+    same = [TaskAttribution(dirpath=str(tmp_path / "k"), **FAST),
+            TaskAttribution(dirpath=str(tmp_path / "x" / ".." / "k"), **FAST)]
+    assert same[0].state_key != same[1].state_key
+    _refused(tmp_path / "b", same, train, val, r"two attribution callbacks .*own dirpath")
+    assert not os.path.exists(tmp_path / "k")
+    # Distinct dirpaths keep working, each with its own files and checkpoint state.
+    a, b = TaskAttribution(dirpath=str(tmp_path / "ka"), **FAST), TaskAttribution(dirpath=str(tmp_path / "kb"), **FAST)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path / "c", [a, b, ckpt]).fit(AnyVal(), train, val)
+    assert a.report is not None and b.report is not None and a.report_dir != b.report_dir
+    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert states[a.state_key]["output_dir"] == str(tmp_path / "ka")
+    assert states[b.state_key]["output_dir"] == str(tmp_path / "kb")

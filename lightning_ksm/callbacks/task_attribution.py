@@ -79,6 +79,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         task_names: the source task ids, if known; otherwise the source data's task ids are scanned
             once (without the model) at train start.
         dirpath: output directory; default ``<logger log dir>/ksm`` or ``<default_root_dir>/ksm``.
+            Two attribution callbacks in one Trainer need two output directories.
         progress: show progress bars for the harvest and GradEx.
         raise_on_analysis_error: re-raise an analysis failure instead of warning (the harvest is
             kept either way).
