@@ -143,3 +143,25 @@ def test_two_callbacks_in_one_trainer_need_their_own_dirpath(tmp_path):
     states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
     assert states[a.state_key]["output_dir"] == str(tmp_path / "ka")
     assert states[b.state_key]["output_dir"] == str(tmp_path / "kb")
+
+
+def test_limit_val_batches_zero_names_the_setting(tmp_path):
+    """Was: "pass val_dataloaders to fit", though they were passed."""
+    train, val = loaders(*make_data())
+    _refused(tmp_path, [TaskAttribution(**FAST)], train, val,
+             r"limit_val_batches=0 turns them off: set limit_val_batches > 0 .* or give target= a DataLoader",
+             limit_val_batches=0)
+    # target= a DataLoader does not need the validation loop.
+    cb = TaskAttribution(target=val, **FAST)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path / "ok", [cb], limit_val_batches=0).fit(AnyVal(), train, val)
+    assert cb.report is not None
+
+
+def test_fast_dev_run_says_the_callback_does_nothing(tmp_path):
+    """Was: skipped without a word."""
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    L.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"TaskAttribution does nothing under fast_dev_run.*without fast_dev_run"):
+        _trainer(tmp_path, [cb], fast_dev_run=True).fit(AnyVal(), *loaders(*make_data()))
+    assert cb.report is None and not os.path.exists(tmp_path / "ksm")
