@@ -25,6 +25,7 @@ from .quality import holdout_quality
 from .report import AttributionReport
 from .subsets import sample_subsets
 from .surrogates import KernelSurrogate, LinearSurrogate
+from .task_ids import POOLED_TARGET
 
 __all__ = ["AnalysisConfig", "analyze", "run_analysis", "report_from_losses", "analyze_store", "present_tasks_only"]
 
@@ -57,6 +58,11 @@ def run_analysis(
     cfg.validate(K)
     if target.n_samples == 0:
         raise ValueError("the target split has no samples; check the target dataloader")
+    if POOLED_TARGET in [str(t) for t in target.task_names]:  # older harvests (the callback now refuses it at train start)
+        raise ValueError(
+            f"the target data has a task id (or a target loader without task ids) named {POOLED_TARGET!r}, the "
+            "report's name for every target sample pooled; rename that task or loader and harvest again"
+        )
     with pinned_threads(cfg.threads):
         return _run_analysis(source, target, cfg, task_names, dict(timings or {}), extra_config, progress)
 

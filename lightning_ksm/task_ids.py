@@ -7,7 +7,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["normalize_task_id", "canonical_task_names", "dedup_positions"]
+__all__ = ["normalize_task_id", "canonical_task_names", "dedup_positions", "POOLED_TARGET"]
+
+# The report's name for the target group of every target sample pooled; no target group may use it.
+POOLED_TARGET = "all"
 
 
 def canonical_task_names(values: Iterable[Any]) -> list:

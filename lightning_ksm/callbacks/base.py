@@ -72,6 +72,22 @@ class AttributionCallbackBase:
             chosen = os.fspath(self.dirpath) if self.dirpath is not None else self._default_dir(trainer)
             # Absolute: a resumed run started from another working directory finds the same files.
             self.output_dir = trainer.strategy.broadcast(os.path.abspath(chosen))
+        self._check_alone(trainer)
+
+    def _check_alone(self, trainer) -> None:
+        """Two attribution callbacks with one state key or one output directory would overwrite each
+        other's W0, harvest, report and checkpoint state: refused before anything is written."""
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, AttributionCallbackBase):
+                continue
+            theirs = other.output_dir or os.path.abspath(
+                os.fspath(other.dirpath) if other.dirpath is not None else other._default_dir(trainer))
+            if other.state_key == self.state_key or os.path.normpath(theirs) == os.path.normpath(self.output_dir):
+                raise ValueError(
+                    f"this Trainer has two attribution callbacks ({self._name} and {other._name}) with the output "
+                    f"directory {theirs} (dirpath={self.dirpath!r} and dirpath={other.dirpath!r}); they would "
+                    "overwrite each other's files and checkpoint state: give each its own dirpath=..."
+                )
 
     # -- checkpoint state -------------------------------------------------------------------------
     @property

@@ -1,5 +1,6 @@
 """The supervised callback's data: the named plan of loaders (source, then target), the whole-data
-check at train start, and the analysis warnings rephrased in the callback's own settings."""
+check at train start, the analysis warnings rephrased in the callback's own settings, and the one
+run it skips (``fast_dev_run``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from ..harvesting.batches import as_loader_list
 from ..harvesting.scan import check_label_range, scan_data, with_group_readers
 
-__all__ = ["named_plan", "check_data", "callback_warnings"]
+__all__ = ["named_plan", "check_data", "callback_warnings", "enabled"]
+
+
+def enabled(trainer, *, warn: bool = False) -> bool:
+    """False under ``fast_dev_run`` (``warn``: say so, once per fit, from rank zero)."""
+    if not getattr(trainer, "fast_dev_run", False):
+        return True
+    if warn:
+        rank_zero_warn("TaskAttribution does nothing under fast_dev_run: a smoke test of a few batches is too "
+                       "short to take W0, harvest and analyse (and Lightning turns off loggers and checkpoints); "
+                       "train without fast_dev_run to get the attribution report")
+    return False
 
 
 def _named(loaders, split: str, prefix: str, what: str) -> list:
@@ -40,6 +52,12 @@ def named_plan(cb, trainer) -> list:
             with contextlib.suppress(Exception):
                 trainer.fit_loop.epoch_loop.val_loop.setup_data()
                 target = trainer.val_dataloaders
+        if getattr(trainer, "limit_val_batches", None) == 0:
+            raise ValueError(
+                "TaskAttribution(target='val') reads the target data from the validation dataloaders, and "
+                "limit_val_batches=0 turns them off: set limit_val_batches > 0 (the harvest reads every "
+                "validation sample either way), or give target= a DataLoader"
+            )
         if target is None or (isinstance(target, (list, tuple, dict)) and not len(target)):
             raise ValueError(
                 "TaskAttribution(target='val') needs validation data: define val_dataloader / pass "

@@ -34,7 +34,7 @@ from ..harvesting.params import select_parameters
 from ..harvesting.readout import adam_preconditioner
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
-from .inputs import callback_warnings, check_data, named_plan
+from .inputs import callback_warnings, check_data, enabled, named_plan
 from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 from .run_record import RunRecorder, record_run_end
 
@@ -79,6 +79,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         task_names: the source task ids, if known; otherwise the source data's task ids are scanned
             once (without the model) at train start.
         dirpath: output directory; default ``<logger log dir>/ksm`` or ``<default_root_dir>/ksm``.
+            Two attribution callbacks in one Trainer need two output directories.
         progress: show progress bars for the harvest and GradEx.
         raise_on_analysis_error: re-raise an analysis failure instead of warning (the harvest is
             kept either way).
@@ -184,13 +185,11 @@ class TaskAttributionMixin(AttributionCallbackBase):
     exclude = property(lambda self: self.harvest.exclude)
 
     _parse_snapshot = staticmethod(parse_snapshot)
-
-    def _enabled(self, trainer) -> bool:
-        return not getattr(trainer, "fast_dev_run", False)
+    _enabled = staticmethod(enabled)  # not under fast_dev_run
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and self._enabled(trainer):
+        if stage == "fit" and self._enabled(trainer, warn=True):
             self._resolve_output(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:

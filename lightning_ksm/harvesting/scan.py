@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..task_ids import normalize_task_id
+from ..task_ids import POOLED_TARGET, normalize_task_id
 from .batches import BatchReader, loader_chunks, tolist
 
 __all__ = ["GroupReader", "with_group_readers", "scan_data", "check_label_range"]
@@ -50,6 +50,11 @@ def with_group_readers(entries: Sequence[tuple], reader: BatchReader) -> list:
     for split, loader, description, group in entries:
         use = reader
         if split == "target" and reader.keys["task_ids"] is None and not _has_task_ids(loader, reader):
+            if group == POOLED_TARGET:
+                raise ValueError(
+                    f"the {description} has no task ids, so its samples are one target group named after the "
+                    f"loader, but {POOLED_TARGET!r} is the report's name for every target sample pooled; give "
+                    "that loader another name (its key in the dict of loaders)")
             use = GroupReader(reader, group)
         out.append((split, loader, description, use))
     return out
@@ -76,7 +81,7 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
 
     Raises ``ValueError`` naming the loader and the dataset index for: an unreadable batch, a task
     id that is not an int or a string, an empty-string id, ids that differ only in type (``1`` and
-    ``"1"``), a non-finite input or label. Returns ``{"source_tasks": [...], "labels": {description:
+    ``"1"``), a target task id ``"all"`` (the pooled target group's name), a non-finite input or label. Returns ``{"source_tasks": [...], "labels": {description:
     {"min", "max", "integral", "at_min", "at_max"}}}`` for :func:`check_label_range`.
     """
     seen: dict = {}  # str(id) -> (id, description, dataset index)
@@ -97,6 +102,9 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
                     raise ValueError(f"{where(i)}: {exc}") from None
                 if tid == "":
                     raise ValueError(f"{where(i)}: an empty-string task id; give every sample a task name")
+                if split == "target" and tid == POOLED_TARGET:
+                    raise ValueError(f"{where(i)}: the task id {POOLED_TARGET!r} is the report's name for every target "
+                                     "sample pooled; rename that task (in the training data too, if it is there)")
                 first = seen.setdefault(str(tid), (tid, where(i)))
                 if type(first[0]) is not type(tid):
                     raise ValueError(f"task ids {first[0]!r} ({first[1]}) and {tid!r} ({where(i)}) differ only in "
