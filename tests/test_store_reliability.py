@@ -154,6 +154,22 @@ def test_a_stale_or_short_merged_cache_is_not_trusted(tmp_path):
     np.testing.assert_array_equal(np.array(store.load("source").jacobians), second)
 
 
+def test_a_damaged_merged_cache_of_the_same_size_is_rebuilt_not_trusted(tmp_path):
+    """Issue 23 item 4: part of the merged file overwritten in place (same size) gave scores off by 9."""
+    store = _complete(tmp_path)
+    first = np.array(store.load("source").jacobians)
+    [merged] = glob.glob(str(tmp_path / "source" / "_merged-*.jacobians.npy"))
+    size = os.path.getsize(merged)
+    with open(merged, "r+b") as f:  # the last rows' values replaced, the size and header kept
+        f.seek(size - 64)
+        f.write(np.full(16, 7.0, np.float32).tobytes())
+    assert os.path.getsize(merged) == size
+    again = np.array(FeatureStore(tmp_path).load("source").jacobians)
+    np.testing.assert_array_equal(again, first)  # rebuilt from the checked shards
+    assert np.array_equal(np.load(merged), first)  # and the cache on disk is whole again
+    assert FeatureStore(tmp_path).cleanup() and not glob.glob(str(tmp_path / "source" / "_merged-*"))
+
+
 def test_a_full_disk_is_a_named_error_that_keeps_the_harvest(tmp_path, monkeypatch):
     store = _complete(tmp_path)
     import shutil
