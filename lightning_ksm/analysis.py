@@ -240,11 +240,13 @@ def analyze_store(
     """Run (or re-run, with new settings) the analysis of a saved harvest (a :class:`FeatureStore`
     directory with "source" and "target" splits). The model is not needed.
 
-    An incomplete harvest raises :class:`~lightning_ksm.store.IncompleteHarvestError`; with
-    ``allow_partial=True`` it is analysed and the report says so (``fit_quality["partial_harvest"]``,
-    the first of ``fit_quality["notes"]``, ``config["harvest_status"]``)."""
+    An incomplete harvest raises :class:`~lightning_ksm.store.IncompleteHarvestError` and a damaged
+    shard :class:`~lightning_ksm.store.CorruptStoreError`; with ``allow_partial=True`` the harvest is
+    analysed without what is missing or damaged (each damaged shard is warned about and named) and the
+    report says so (``fit_quality["partial_harvest"]``, the first of ``fit_quality["notes"]``,
+    ``config["harvest_status"]``, whose ``left_out`` lists the damaged shards)."""
     from .store import FeatureStore
-    from .store.plan import describe_status
+    from .store.plan import describe_status, with_left_out
 
     store = FeatureStore(directory)
     if not store.exists():
@@ -252,6 +254,7 @@ def analyze_store(
     status = store.check_complete(allow_partial=allow_partial)
     source = present_tasks_only(store.load("source", allow_partial=allow_partial))
     target = present_tasks_only(store.load("target", allow_partial=allow_partial))
+    status = with_left_out(status, store.left_out.get("source", []) + store.left_out.get("target", []))
     manifest = store.manifest()
     extra = {"harvest": {k: v for k, v in manifest.items() if k not in ("splits", "params")}}
     extra["harvest"]["n_params"] = len(manifest.get("params", []))

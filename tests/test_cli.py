@@ -178,12 +178,77 @@ def test_existing_out_needs_force(ksm, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(analysis_module, "analyze_store", lambda *a, **k: pytest.fail("analysis ran"))
         code, _, err = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20)
-    assert code == 2 and "--force" in err and "--out" in err
+        assert code == 2 and "--force" in err and "--out" in err
+        # --force replaces a saved report, never files that are not part of one.
+        code, _, err = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20, "--force")
+        assert code == 2 and "'notes.txt'" in err and "choose another directory" in err
     assert sorted(os.listdir(out)) == ["notes.txt"]
-    code, _, _ = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20, "--force", *FAST)
+    out = tmp_path / "report"
+    code, _, _ = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20, *FAST)
     assert code == 0 and AttributionReport.load(out).config["analysis"]["n_subsets"] == 20
     code, _, _ = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 25, "--force", *FAST)
     assert code == 0 and AttributionReport.load(out).subsets.shape == (25, 4)
+    assert sorted(os.listdir(tmp_path)) == ["ksm", "report", "taken"]  # no staging or old copy left beside it
+
+
+def test_a_second_analysis_into_the_same_out_is_refused_before_its_work(ksm, tmp_path, capsys, monkeypatch):
+    """Issue 23 item 10c: two analyses into one --out both exited 0, one silently replacing the other."""
+    out, real, calls, inner = tmp_path / "r", analysis_module.analyze_store, [], []
+
+    def analyze_store(*args, **kwargs):  # while the first analysis runs, a second one starts
+        calls.append(1)
+        if len(calls) == 1:
+            inner.append(main(["analyze", str(ksm), "--out", str(out), "--n-subsets", "25", *FAST]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis_module, "analyze_store", analyze_store)
+    code, _, err = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20, *FAST)
+    assert code == 0 and inner == [2] and len(calls) == 1  # refused before its analysis
+    assert "--force" in err and "another analysis" in err and str(out) in err
+    assert AttributionReport.load(out).subsets.shape == (20, 4) and sorted(os.listdir(tmp_path)) == ["ksm", "r"]
+    assert ".analysis-in-progress" not in os.listdir(out)
+    # A failed analysis releases its claim: the directory can be used again.
+    monkeypatch.setattr(analysis_module, "analyze_store", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    code, _, err = _run(capsys, "analyze", ksm, "--out", tmp_path / "r2", "--n-subsets", 20)
+    assert code == 2 and "boom" in err and not (tmp_path / "r2").exists()
+
+
+def test_force_replaces_a_report_whole_or_not_at_all(ksm, tmp_path, capsys, monkeypatch):
+    """Issue 23 item 10c: with --force the old report is replaced atomically (never a mix of two)."""
+    from lightning_ksm.report import files as report_files
+
+    out = tmp_path / "r"
+    assert _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 20, *FAST)[0] == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    real, writes = report_files.atomic_write_bytes, []
+
+    def fails_midway(path, data, **kwargs):  # the disk fills after a few of the new report's files
+        writes.append(path)
+        if len(writes) > 3:
+            raise OSError(28, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(report_files, "atomic_write_bytes", fails_midway)
+    code, _, err = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 25, "--force", *FAST)
+    assert code == 1 and "cannot write the report" in err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # the old report, untouched
+    assert sorted(os.listdir(tmp_path)) == ["ksm", "r"]  # the half-written new one was removed
+    monkeypatch.undo()
+    # Two --force analyses at once: both succeed, the directory holds one whole report.
+    real_analyze, calls, inner = analysis_module.analyze_store, [], []
+
+    def analyze_store(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            inner.append(main(["analyze", str(ksm), "--out", str(out), "--n-subsets", "30", "--force", *FAST]))
+        return real_analyze(*args, **kwargs)
+
+    monkeypatch.setattr(analysis_module, "analyze_store", analyze_store)
+    code, _, _ = _run(capsys, "analyze", ksm, "--out", out, "--n-subsets", 25, "--force", *FAST)
+    assert code == 0 and inner == [0]
+    report = AttributionReport.load(out)  # every array matches its checksum in report.json
+    assert report.subsets.shape == (25, 4) and report.config["analysis"]["n_subsets"] == 25
+    assert sorted(os.listdir(tmp_path)) == ["ksm", "r"]
 
 
 @pytest.mark.parametrize(
@@ -221,7 +286,7 @@ def test_analyze_bad_directories_and_config_files(ksm, tmp_path, capsys, no_anal
     assert code == 2 and "no harvest" in err and str(empty) in err
     partial = _write_harvest(tmp_path / "partial", splits=("source",))
     code, _, err = _run(capsys, "analyze", partial)
-    assert code == 2 and "'target'" in err
+    assert code == 3 and "'target'" in err and "incomplete" in err  # an incomplete harvest: exit 3, as documented
     code, _, err = _run(capsys, "analyze", ksm, "--out", ksm / "harvest" / "inside")
     assert code == 2 and "inside the harvest" in err
 

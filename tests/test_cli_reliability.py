@@ -1,6 +1,7 @@
 """Issue 14 on the command line: a partial harvest exits non-zero unless --allow-partial (item 1),
 concurrent analyses get their own directories (item 6), ``show`` finds ``ksm/`` in a Lightning
-version folder (item 12)."""
+version folder (item 12). Issue 23: a killed harvest exits 3 (item 10a); --allow-partial leaves a
+corrupted shard out and says so (item 10b)."""
 
 from __future__ import annotations
 
@@ -19,18 +20,34 @@ from lightning_ksm.harvesting import HarvestRunner
 FAST = ["--n-subsets", "20", "--ensemble-samples", "200"]
 
 
-def _partial_harvest(directory):
-    """A regression harvest whose rank 1 of 2 never ran: 3 of 5 source chunks stored."""
+def _partial_harvest(directory, world=2, source=None):
+    """A regression harvest whose rank 1 of 2 never ran: 3 of 5 source chunks stored (``world=1``:
+    complete; ``source``: another source dataset)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 4, generator=g)
     y = X @ torch.randn(4, generator=g)
     data = TensorDataset(X, y, torch.arange(40) % 4)
     torch.manual_seed(0)
     runner = HarvestRunner(nn.Linear(4, 1), directory, config=HarvestConfig(output="regression", proj_dim=5,
-                                                                            harvest_batch_size=8), rank=0, world=2)
+                                                                            harvest_batch_size=8), rank=0, world=world)
     runner.initialize_store()
-    runner.run([("source", DataLoader(data, batch_size=8)), ("target", DataLoader(data, batch_size=8))])
+    runner.run([("source", DataLoader(source or data, batch_size=8)), ("target", DataLoader(data, batch_size=8))])
     return directory
+
+
+class _Killed(torch.utils.data.Dataset):
+    """The source data of a run killed at sample ``at`` (Ctrl-C, OOM killer)."""
+
+    def __init__(self, base, at):
+        self.base, self.at = base, at
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise KeyboardInterrupt("killed")
+        return self.base[i]
 
 
 def test_a_partial_harvest_exits_non_zero_unless_asked_for(tmp_path, capsys):
@@ -51,6 +68,44 @@ def test_a_partial_harvest_exits_non_zero_unless_asked_for(tmp_path, capsys):
     assert "<p class=bad><b>PARTIAL HARVEST" in (tmp_path / "r" / "report.html").read_text()
 
 
+def test_a_killed_harvest_exits_3_as_documented(tmp_path, capsys):
+    """Issue 23 item 10a: a harvest killed before its target split exited 2 (a usage error), not 3."""
+    ksm = tmp_path / "ksm"
+    data = TensorDataset(torch.randn(40, 4), torch.randn(40), torch.arange(40) % 4)
+    try:
+        _partial_harvest(ksm / "harvest", world=1, source=_Killed(data, at=20))
+    except KeyboardInterrupt:
+        pass
+    assert main(["analyze", str(ksm), *FAST]) == analyze_cli.EXIT_INCOMPLETE == 3
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "rank 0 of 1 did not finish" in err and "--allow-partial" in err
+    # --allow-partial cannot help: no target was harvested at all. Still exit 3, saying so.
+    assert main(["analyze", str(ksm), *FAST, "--allow-partial"]) == 3
+    assert "no 'target' split" in capsys.readouterr().err
+    assert not list(ksm.glob("report-*"))
+
+
+def test_allow_partial_leaves_a_corrupted_shard_out_and_says_so(tmp_path, capsys):
+    """Issue 23 item 10b: --allow-partial still refused a store with one corrupted shard."""
+    ksm = tmp_path / "ksm"
+    _partial_harvest(ksm / "harvest", world=1)
+    path = ksm / "harvest" / "source" / "l0-c2.jacobians.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x20
+    path.write_bytes(bytes(raw))
+    assert main(["analyze", str(ksm), *FAST]) == 3
+    err = capsys.readouterr().err
+    assert "'l0-c2'" in err and "does not match its checksum" in err and "--allow-partial" in err
+    assert main(["analyze", str(ksm), *FAST, "--allow-partial", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "PARTIAL HARVEST" in err and "shard 'l0-c2' of split 'source' is damaged and was left out (8 samples" in err
+    report = AttributionReport.load(tmp_path / "r")
+    status = report.config["harvest_status"]
+    assert report.fit_quality["partial_harvest"] is True and "'l0-c2'" in report.fit_quality["notes"][0]
+    assert status["complete"] is False and [e["key"] for e in status["left_out"]] == ["l0-c2"]
+    assert status["splits"]["source"]["stored_samples"] == 32 and report.n_tasks == 4
+
+
 def test_concurrent_analyses_get_unique_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(analyze_cli.time, "strftime", lambda fmt: "20260101-120000")
     (tmp_path / "harvest").mkdir()
@@ -59,7 +114,7 @@ def test_concurrent_analyses_get_unique_directories(tmp_path, monkeypatch):
 
     def one():
         barrier.wait()
-        outs.append(analyze_cli._resolve_out(args, tmp_path / "harvest"))
+        outs.append(analyze_cli._resolve_out(args, tmp_path / "harvest").path)
 
     threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:

@@ -154,6 +154,41 @@ def test_a_stale_or_short_merged_cache_is_not_trusted(tmp_path):
     np.testing.assert_array_equal(np.array(store.load("source").jacobians), second)
 
 
+def test_a_damaged_merged_cache_of_the_same_size_is_rebuilt_not_trusted(tmp_path):
+    """Issue 23 item 4: part of the merged file overwritten in place (same size) gave scores off by 9."""
+    store = _complete(tmp_path)
+    first = np.array(store.load("source").jacobians)
+    [merged] = glob.glob(str(tmp_path / "source" / "_merged-*.jacobians.npy"))
+    size = os.path.getsize(merged)
+    with open(merged, "r+b") as f:  # the last rows' values replaced, the size and header kept
+        f.seek(size - 64)
+        f.write(np.full(16, 7.0, np.float32).tobytes())
+    assert os.path.getsize(merged) == size
+    again = np.array(FeatureStore(tmp_path).load("source").jacobians)
+    np.testing.assert_array_equal(again, first)  # rebuilt from the checked shards
+    assert np.array_equal(np.load(merged), first)  # and the cache on disk is whole again
+    assert FeatureStore(tmp_path).cleanup() and not glob.glob(str(tmp_path / "source" / "_merged-*"))
+
+
+def test_allow_partial_leaves_a_damaged_shard_out_and_names_it(tmp_path):
+    """Issue 23 item 10b: --allow-partial refused a store with one corrupted shard."""
+    store = _complete(tmp_path)
+    path = tmp_path / "source" / "l0-c1.jacobians.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptStoreError, match="l0-c1.*does not match its checksum.*allow_partial=True"):
+        store.load("source")
+    with pytest.warns(UserWarning, match=r"shard 'l0-c1' of split 'source' is damaged and was left out \(4 samples"):
+        part = store.load("source", allow_partial=True)
+    assert part.n_samples == 16 and [e["key"] for e in store.left_out["source"]] == ["l0-c1"]
+    assert store.load("target", allow_partial=True).n_samples == 8 and store.left_out["target"] == []
+    for key in ("l1-c0", "l1-c1"):  # every target shard damaged: nothing left to analyse
+        (tmp_path / "target" / f"{key}.outputs.npy").write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(CorruptStoreError, match="every shard of split 'target'"):
+        store.load("target", allow_partial=True)
+
+
 def test_a_full_disk_is_a_named_error_that_keeps_the_harvest(tmp_path, monkeypatch):
     store = _complete(tmp_path)
     import shutil

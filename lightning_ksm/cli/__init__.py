@@ -6,11 +6,13 @@ store) saved, with new analysis settings; the model is not needed. ``lightning-k
 a saved :class:`~lightning_ksm.AttributionReport` as ranked tables, or as JSON.
 
 Exit codes: 0 success; 2 bad input (unknown option, invalid setting, a directory without a harvest or
-report, unknown target or method), with a one-line message and no traceback; 1 a failure while
-writing the report; 130 interrupted.
+report, unknown target or method, an --out that is taken), with a one-line message and no traceback;
+3 an incomplete or damaged harvest (``analyze``; ``--allow-partial`` analyses it anyway where that is
+possible); 1 a failure while writing the report; 130 interrupted.
 
 Modules: :mod:`.parser` builds the options (the analysis settings come from
-:mod:`lightning_ksm.config`), :mod:`.analyze` and :mod:`.show` run the two commands.
+:mod:`lightning_ksm.config`), :mod:`.analyze` and :mod:`.show` run the two commands, :mod:`.outdir`
+takes the report directory of ``analyze`` before the analysis and moves the report in whole.
 This package never imports Lightning: it only needs the engine.
 """
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,12 @@ from ..config import AnalysisConfig
 from ..rundir import RunDirectory
 from ._base import PROG, CLIError
 from .options import analysis_options, option_for
+from .outdir import ReportDir
 
-__all__ = ["run_analyze", "saved_report_settings"]
+__all__ = ["run_analyze", "saved_report_settings", "EXIT_INCOMPLETE"]
+
+#: Exit status of ``analyze`` for a harvest that is incomplete or damaged (2: bad input, 1: I/O).
+EXIT_INCOMPLETE = 3
 
 
 def _find_harvest(directory: str) -> Path:
@@ -42,15 +46,14 @@ def _source_task_count(harvest_dir: Path) -> int:
     try:
         manifest = FeatureStore(harvest_dir).manifest()
     except (ValueError, OSError) as exc:
-        raise CLIError(f"cannot read the harvest in {str(harvest_dir)!r}: {exc}") from None
+        raise CLIError(f"cannot read the harvest in {str(harvest_dir)!r}: {exc}", status=EXIT_INCOMPLETE) from None
     splits = {name: v.get("shards", []) for name, v in manifest["splits"].items()}
     for split in ("source", "target"):
         if not splits.get(split):
             stored = sorted(s for s, shards in splits.items() if shards)
             raise CLIError(
                 f"the harvest in {str(harvest_dir)!r} has no {split!r} split (stored splits: {stored}); "
-                "it is incomplete: re-run the harvest"
-            )
+                "it is incomplete: resume or re-run the harvest", status=EXIT_INCOMPLETE)
     return len({v for shard in splits["source"] for v in shard.get("task_values", [])})
 
 
@@ -133,34 +136,15 @@ def _resolve_settings(args: argparse.Namespace, n_tasks: int) -> AnalysisConfig:
     return config
 
 
-def _resolve_out(args: argparse.Namespace, harvest_dir: Path) -> Path:
+def _resolve_out(args: argparse.Namespace, harvest_dir: Path) -> ReportDir:
+    """The report directory, taken before the analysis starts (:mod:`.outdir`)."""
     if args.out is None:
-        # The directory is created here, exclusively (mkdir is atomic): two analyses started in the
-        # same second, even in two processes, get report-<stamp>, report-<stamp>-2, ...
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for n in range(1, 10_000):
-            out = harvest_dir.parent / (f"report-{stamp}" if n == 1 else f"report-{stamp}-{n}")
-            try:
-                out.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise CLIError(f"cannot create the report directory {str(out)!r}: {exc.strerror or exc}",
-                               status=1) from None
-            return out
-        raise CLIError(f"too many report directories named report-{stamp}* in {str(harvest_dir.parent)!r}")
+        return ReportDir.new(harvest_dir.parent)
     out = Path(args.out)
     resolved, harvest = out.resolve(), harvest_dir.resolve()
     if resolved == harvest or harvest in resolved.parents:
         raise CLIError(f"argument --out: {args.out!r} is inside the harvest {str(harvest_dir)!r}; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"argument --out: {args.out!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise CLIError(
-            f"argument --out: {args.out!r} exists and is not empty; pass --force to overwrite it or "
-            "choose another directory"
-        )
-    return out
+    return ReportDir.take(out, force=bool(args.force))
 
 
 def _carried_config(harvest_dir: Path) -> dict:
@@ -177,10 +161,6 @@ def _carried_config(harvest_dir: Path) -> dict:
     return {k: v for k, v in config.items() if k not in ("analysis", "harvest", "cli")}
 
 
-#: Exit status of ``analyze`` for a harvest that is incomplete or damaged (2: bad input, 1: I/O).
-EXIT_INCOMPLETE = 3
-
-
 def _check_harvest(harvest_dir: Path, allow_partial: bool) -> dict:
     from ..store import FeatureStore, StoreError
 
@@ -192,9 +172,9 @@ def _check_harvest(harvest_dir: Path, allow_partial: bool) -> dict:
 
 def run_analyze(args: argparse.Namespace) -> int:
     harvest_dir = _find_harvest(args.dir)
-    n_tasks = _source_task_count(harvest_dir)
     allow_partial = bool(getattr(args, "allow_partial", False))
-    status = _check_harvest(harvest_dir, allow_partial)
+    _check_harvest(harvest_dir, allow_partial)  # first: a killed harvest is named as such (exit 3)
+    n_tasks = _source_task_count(harvest_dir)
     config = _resolve_settings(args, n_tasks)
     out = _resolve_out(args, harvest_dir)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -209,8 +189,10 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     try:
         try:
-            report = analyze_store(harvest_dir, config, progress=progress, extra_config=extra,
-                                   allow_partial=allow_partial)
+            with warnings.catch_warnings():  # a damaged shard left out: said in the PARTIAL HARVEST warning below
+                warnings.filterwarnings("ignore", message="allow_partial: ")
+                report = analyze_store(harvest_dir, config, progress=progress, extra_config=extra,
+                                       allow_partial=allow_partial)
         except StoreError as exc:
             raise CLIError(f"the harvest in {str(harvest_dir)!r} cannot be analysed: {exc}",
                            status=EXIT_INCOMPLETE) from None
@@ -218,20 +200,19 @@ def run_analyze(args: argparse.Namespace) -> int:
             # Settings were checked above, so this is the stored data (e.g. a corrupt or empty split).
             raise CLIError(f"the analysis of {str(harvest_dir)!r} failed: {exc}") from None
     except BaseException:
-        if args.out is None:  # the fresh, still empty report directory is not left behind
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        out.release()  # no empty report directory or stale claim is left behind
         raise
     seconds = time.perf_counter() - start
     try:
-        report.save(out)
+        out.publish(report)
     except OSError as exc:
-        raise CLIError(f"cannot write the report to {str(out)!r}: {exc}", status=1) from None
-    if status["complete"] is False:
+        out.release()
+        raise CLIError(f"cannot write the report to {str(out.path)!r}: {exc}", status=1) from None
+    if report.fit_quality.get("partial_harvest"):
         print(f"WARNING: PARTIAL HARVEST (--allow-partial): {report.fit_quality['notes'][0]}", file=sys.stderr)
-    print(f"report written to {out.resolve()} ({seconds:.1f} s)")
+    print(f"report written to {out.path.resolve()} ({seconds:.1f} s)")
     print(_summary(report, config))
-    print(f"full tables: {PROG} show {shlex.quote(str(out))}")
+    print(f"full tables: {PROG} show {shlex.quote(str(out.path))}")
     return 0
 
 

@@ -54,11 +54,14 @@ Settings are taken, in increasing priority, from the defaults of AnalysisConfig,
 (a JSON object of AnalysisConfig fields, or a saved report.json, whose settings are reused), and
 from the options below. The report goes to a new directory next to the harvest
 (report-<date>-<time>, created exclusively: concurrent analyses get -2, -3, ... suffixes) unless
---out is given; an existing non-empty --out is only overwritten with --force.
+--out is given. --out must be missing or empty, and is claimed before the analysis starts: a second
+analysis into the same OUT is refused at once. --force replaces the report saved in OUT (never
+other files): the new report is written next to it and moved in whole when it is complete.
 
 An incomplete or damaged harvest (a killed run, a DDP rank that died, a shard that fails its
-checksum) is refused with exit status 3; --allow-partial analyses what is stored anyway and marks
-the report as partial. Exit status 2: bad arguments; 1: the report could not be written.
+checksum) is refused with exit status 3; --allow-partial analyses what is stored anyway, leaving
+damaged shards out (each is named), and marks the report as partial. Exit status 2: bad arguments;
+1: the report could not be written.
 
 """ + _SIGNS
 
@@ -144,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("dir", metavar="DIR", help="harvest directory, or the callback's output directory")
     analyze.add_argument("--out", metavar="OUT",
                          help="report directory (default: a new report-<date>-<time> next to the harvest)")
-    analyze.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
+    analyze.add_argument("--force", action="store_true", help="replace the report saved in OUT (atomically; other files are never deleted)")
     analyze.add_argument("--config", metavar="FILE",
                          help="JSON file of analysis settings, or a saved report.json to reuse its settings")
     analyze.add_argument("--allow-partial", action="store_true",
-                         help="analyse an incomplete harvest anyway (the report says it is partial)")
+                         help="analyse an incomplete or damaged harvest anyway, without what is missing or damaged "
+                              "(the report says it is partial and names what was left out)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="show progress bars (default: when stderr is a terminal)")
     _add_analysis_options(analyze)

@@ -52,7 +52,7 @@ from .intervals import intervals_csv
 if TYPE_CHECKING:  # pragma: no cover
     from .data import AttributionReport
 
-__all__ = ["save_report", "load_report", "REPORT_FORMAT", "REPORT_FORMAT_VERSION"]
+__all__ = ["save_report", "load_report", "saved_report_files", "REPORT_FORMAT", "REPORT_FORMAT_VERSION"]
 
 REPORT_FORMAT = "lightning-ksm-report"
 REPORT_FORMAT_VERSION = 1
@@ -196,6 +196,20 @@ def save_report(report: "AttributionReport", directory: str | os.PathLike, *, fi
             (directory / name).unlink()
     fsync_dir(directory)
     return written
+
+
+def saved_report_files(directory: str | os.PathLike) -> set:
+    """The files of the report saved in ``directory``: ``report.json`` and the files it lists (empty
+    when ``directory`` holds no saved report). What a command may replace without losing other files."""
+    directory = Path(directory)
+    return _previous_files(directory) | {"report.json"} if _is_report(directory / "report.json") else set()
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _previous_files(directory: Path) -> set:

@@ -35,12 +35,15 @@ store's ``task_names`` (given up front, or the sorted union of all records' raw 
 order: DistributedSampler pads ranks with repeated samples) and orders rows by that index, so the
 result does not depend on the number of ranks. Jacobians come back memory-mapped: directly from the
 shard when there is a single shard in order, otherwise from a merged file written once into the
-split's directory (``_merged-<digest>.jacobians.npy``; :mod:`.merge`).
+split's directory (``_merged-<digest>.jacobians.npy``, with the SHA-256 it was written with in
+``_merged-<digest>.jacobians.sha256``; :mod:`.merge`).
 
 ``load`` verifies each file against its SHA-256 (a bit flip or an edited shard raises
-:class:`CorruptStoreError`) and refuses an incomplete or inconsistent harvest (per split, per loader,
-the expected shards and samples, the ranks done and a completion marker written last) with
-:class:`IncompleteHarvestError` unless ``allow_partial=True``. Shard keys and split names read from
+:class:`CorruptStoreError`; a damaged merged file is rebuilt from the shards) and refuses an
+incomplete or inconsistent harvest (per split, per loader, the expected shards and samples, the
+ranks done and a completion marker written last) with :class:`IncompleteHarvestError` unless
+``allow_partial=True``, which also leaves damaged shards out (a warning names each one; they are
+listed in ``FeatureStore.left_out``). Shard keys and split names read from
 disk are checked to be plain names (never paths). Shard writes check the free space first and turn a
 failed write into :class:`~lightning_ksm.fileio.WriteFailedError` (which says what was kept).
 

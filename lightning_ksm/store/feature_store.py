@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ class FeatureStore:
         self.directory = os.fspath(directory)
         self._dtype = None if dtype is None else str(np.dtype(dtype))
         self._index = StoreIndex(self.directory)  # the manifest and the shard records, cached
+        self.left_out: dict = {}  # {split: [damaged shard]}: what the last load(allow_partial=True) skipped
         if self.exists():
             existing = self._index.header()["dtype"]
             if self._dtype is not None and self._dtype != existing:
@@ -364,13 +366,14 @@ class FeatureStore:
         where = f"corrupted feature store: shard {shard['key']!r} of split {split!r}"
         want = (shard.get("sha256") or {}).get(name)
         try:
-            if verify and want is not None and _sha256_file(path) != want:
-                raise CorruptStoreError(f"{where}: {path} does not match its checksum (edited or damaged)")
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            damaged = verify and want is not None and _sha256_file(path) != want
+            arr = None if damaged else np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise CorruptStoreError(f"{where} is registered (its record exists) but {path} is missing") from None
         except (ValueError, EOFError, OSError) as exc:  # empty, short or not a .npy file
             raise CorruptStoreError(f"{where}: {path} is unreadable ({type(exc).__name__}: {exc})") from None
+        if damaged:
+            raise CorruptStoreError(f"{where}: {path} does not match its checksum (edited or damaged)")
         if arr.ndim == 0 or len(arr) != shard["rows"]:
             raise CorruptStoreError(f"{where}: {path} has {len(arr) if arr.ndim else 0} rows, its record says "
                                     f"{shard['rows']}")
@@ -384,7 +387,8 @@ class FeatureStore:
         and rows are ordered by index; without, rows follow shard-key order. ``dtype="float32"``
         returns in-memory float32 Jacobians (e.g. from a float16 store). An incomplete harvest
         raises :class:`IncompleteHarvestError` unless ``allow_partial``; ``verify`` checks every
-        file against its SHA-256 (:class:`CorruptStoreError` on a mismatch).
+        file against its SHA-256 (:class:`CorruptStoreError` on a mismatch; with ``allow_partial`` a
+        damaged shard is left out instead, with a warning, and listed in ``self.left_out[split]``).
         """
         split = check_split(split)
         self.check_complete(allow_partial=allow_partial)
@@ -397,26 +401,22 @@ class FeatureStore:
         shards = sorted(data["splits"][split]["shards"], key=lambda s: natural_key(s["key"]))
         names = self.task_names()
         position = {v: i for i, v in enumerate(names)}
-        small = {n: [] for n in ("outputs", "labels", "task_ids")}
-        indices = []
+        parts, self.left_out[split] = [], []
         for shard in shards:
-            if verify:
-                self._open(split, shard, "jacobians", verify=True)
-            small["outputs"].append(np.asarray(self._open(split, shard, "outputs", verify=verify)))
-            small["labels"].append(np.asarray(self._open(split, shard, "labels", verify=verify)))
-            local = np.asarray(self._open(split, shard, "task_ids", verify=verify))
-            values = shard["task_values"]
-            if len(local) and (local.min() < 0 or local.max() >= len(values)):
-                raise CorruptStoreError(f"corrupted feature store: shard {shard['key']!r} of split {split!r} has "
-                                        f"task ids outside its {len(values)} task values")
-            unknown = [v for v in values if v not in position]
-            if unknown:
-                raise CorruptStoreError(f"corrupted feature store: shard {shard['key']!r} of split {split!r} has "
-                                        f"task values {unknown} that are not in the store's task_names")
-            table = np.array([position[v] for v in values], dtype=np.int64)
-            small["task_ids"].append(table[local] if len(local) else local.astype(np.int64))
-            if shard["has_index"]:
-                indices.append(np.asarray(self._open(split, shard, "index", verify=verify)))
+            try:
+                parts.append(self._shard_arrays(split, shard, position, verify))
+            except CorruptStoreError as exc:
+                if not allow_partial:
+                    raise CorruptStoreError(f"{exc}. To analyse the rest without this shard: allow_partial=True "
+                                            "(`lightning-ksm analyze --allow-partial`)") from None
+                left = dict(split=split, why=str(exc), **{k: shard[k] for k in ("key", "rows", "task_values")})
+                self.left_out[split].append(left)
+                warnings.warn(f"allow_partial: {_plan.describe_left_out(left)}", stacklevel=2)
+        if not parts:
+            raise CorruptStoreError(f"every shard of split {split!r} is damaged; nothing is left to analyse: harvest again")
+        shards = [shard for shard, _ in parts]
+        small = {n: [p[n] for _, p in parts] for n in ("outputs", "labels", "task_ids")}
+        indices = [p["index"] for _, p in parts if p["index"] is not None]
         with_index = len(indices)
         if with_index not in (0, len(shards)):
             raise StoreError(
@@ -430,10 +430,10 @@ class FeatureStore:
             keep = dedup_positions(index) if dedup else np.argsort(index, kind="stable")
         else:
             keep = np.arange(total)
-        jac = self._jacobians(split, shards, keep, total)
+        jac = merged_jacobians(self, split, shards, keep, total, verify=verify)
         if dtype is not None:
             jac = np.asarray(jac, dtype=dtype)
-        readout, columns = self._readout(split, shards, keep, verify)
+        readout, columns = self._readout(split, shards, keep, False)  # checked with its shard
         return HarvestedFeatures(
             outputs=cat["outputs"][keep],
             jacobians=jac,
@@ -446,6 +446,24 @@ class FeatureStore:
             preconditioned=bool((data.get("meta") or {}).get("preconditioned", False)),
             projection_draws=int((data.get("projector") or {}).get("draws", 1)),
         )
+
+    def _shard_arrays(self, split: str, shard: dict, position: dict, verify: bool) -> tuple[dict, dict]:
+        """A shard and its small arrays (task ids mapped to the store's names), every file checked."""
+        if verify:
+            for name in ("jacobians",) + (("readout",) if shard.get("readout_columns") is not None else ()):
+                self._open(split, shard, name, verify=True)
+        out = {n: np.asarray(self._open(split, shard, n, verify=verify)) for n in ("outputs", "labels", "task_ids")}
+        local, values = out["task_ids"], shard["task_values"]
+        where = f"corrupted feature store: shard {shard['key']!r} of split {split!r}"
+        if len(local) and (local.min() < 0 or local.max() >= len(values)):
+            raise CorruptStoreError(f"{where} has task ids outside its {len(values)} task values")
+        unknown = [v for v in values if v not in position]
+        if unknown:
+            raise CorruptStoreError(f"{where} has task values {unknown} that are not in the store's task_names")
+        table = np.array([position[v] for v in values], dtype=np.int64)
+        out["task_ids"] = table[local] if len(local) else local.astype(np.int64)
+        out["index"] = np.asarray(self._open(split, shard, "index", verify=verify)) if shard["has_index"] else None
+        return shard, out
 
     def _readout(self, split: str, shards: list, keep: np.ndarray, verify: bool):
         """The exact target readout when every shard of the split has one with the same columns."""
@@ -464,9 +482,6 @@ class FeatureStore:
         index = np.concatenate([np.asarray(self._open(split, s, "index")) for s in shards])
         keep = dedup_positions(index) if dedup else np.argsort(index, kind="stable")
         return index[keep]
-
-    def _jacobians(self, split: str, shards: list, keep: np.ndarray, total: int) -> np.ndarray:
-        return merged_jacobians(self, split, shards, keep, total)
 
     def cleanup(self) -> list[str]:
         """Remove merged-Jacobian caches and leftover temporary files; returns the removed paths.

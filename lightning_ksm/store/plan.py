@@ -23,7 +23,7 @@ import re
 
 from .errors import StoreError
 
-__all__ = ["register_plan", "finish_rank", "status", "describe_status", "rank_of"]
+__all__ = ["register_plan", "finish_rank", "status", "describe_status", "rank_of", "describe_left_out", "with_left_out"]
 
 _CHUNK = re.compile(r"^l(\d+)-c(\d+)$")
 
@@ -138,6 +138,26 @@ def describe_status(st: dict) -> str:
                        f"{v['stored_shards']} of {v['expected_shards']} shards" for split, v in st["splits"].items())
     text = "; ".join(st["problems"][:6]) + (f" (+{len(st['problems']) - 6} more)" if len(st["problems"]) > 6 else "")
     return text + (f". Stored: {counts}" if counts else "")
+
+
+def describe_left_out(entry: dict) -> str:
+    """One damaged shard that a partial load left out (an entry of ``FeatureStore.left_out``)."""
+    return (f"shard {entry['key']!r} of split {entry['split']!r} is damaged and was left out ({entry['rows']} "
+            f"samples of task(s) {_keys([str(v) for v in entry['task_values']])}): {entry['why']}")
+
+
+def with_left_out(st: dict, left_out: list) -> dict:
+    """``st`` (a :func:`status`) with the damaged shards a partial load left out: each is a problem,
+    its samples are no longer counted as stored, and the harvest is no longer complete."""
+    if not left_out:
+        return st
+    st = dict(st, complete=False, left_out=list(left_out), splits={k: dict(v) for k, v in st["splits"].items()})
+    st["problems"] = [describe_left_out(e) for e in left_out] + list(st["problems"])
+    for entry in left_out:
+        if entry["split"] in st["splits"]:
+            st["splits"][entry["split"]]["stored_samples"] -= entry["rows"]
+            st["splits"][entry["split"]]["stored_shards"] -= 1
+    return st
 
 
 def _keys(keys: list, limit: int = 5) -> str:
