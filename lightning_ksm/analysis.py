@@ -19,7 +19,7 @@ from ._threads import pinned_threads
 from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
 from .estimation import estimate_subsets
-from .estimation.checks import linear_regime_notes
+from .estimation.checks import diverged_run_notes, linear_regime_notes
 from .features import HarvestedFeatures
 from .quality import holdout_quality
 from .report import AttributionReport
@@ -97,6 +97,10 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     if regime:  # warnings are said first (text, HTML, command line): they qualify every number
         report.fit_quality["linear_regime"] = False
         report.fit_quality["warnings"] = list(report.fit_quality.get("warnings", [])) + regime
+    diverged = diverged_run_notes((extra_config or {}).get("run"))
+    if diverged:  # before any other warning: no number here comes from the training that was run
+        report.fit_quality["run_diverged"] = True
+        report.fit_quality["warnings"] = diverged + list(report.fit_quality.get("warnings", []))
     return report
 
 
@@ -228,6 +232,25 @@ def present_tasks_only(features: HarvestedFeatures) -> HarvestedFeatures:
     )
 
 
+def _saved_run_record(directory, manifest: dict, cfg: AnalysisConfig) -> dict:
+    """``{"run": record}`` from the callback's run record ``<run dir>/run.json`` next to the harvest,
+    or ``{}``. A callback's harvest (its manifest names W0) without one is refused for
+    ``estimator="auto"``, which would otherwise silently become the proximal solve."""
+    path = os.path.join(os.path.dirname(os.path.abspath(directory)), "run.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return {"run": json.load(fh)}
+    if cfg.estimator == "auto" and (manifest.get("meta") or {}).get("w0_sha256"):
+        raise ValueError(
+            f"the harvest in {directory} was made by the TaskAttribution callback, but the record of its "
+            f"training run ({path}) is missing: the run did not reach the end of fit, or run.json was not kept "
+            f"with the harvest. estimator='auto' follows that run (the 'simulate' estimator) and cannot without "
+            f"it: pass estimator='proximal' (lightning-ksm analyze: --estimator proximal) for GradEx's proximal "
+            f"solve at W0, or put run.json back"
+        )
+    return {}
+
+
 def analyze_store(
     directory,
     config: AnalysisConfig | dict | None = None,
@@ -252,17 +275,15 @@ def analyze_store(
     if not store.exists():
         raise FileNotFoundError(f"no harvest found in {directory} (missing manifest.json)")
     status = store.check_complete(allow_partial=allow_partial)
-    source = present_tasks_only(store.load("source", allow_partial=allow_partial))
-    target = present_tasks_only(store.load("target", allow_partial=allow_partial))
-    status = with_left_out(status, store.left_out.get("source", []) + store.left_out.get("target", []))
     manifest = store.manifest()
     extra = {"harvest": {k: v for k, v in manifest.items() if k not in ("splits", "params")}}
     extra["harvest"]["n_params"] = len(manifest.get("params", []))
     extra.update(extra_config or {})
-    run_json = os.path.join(os.path.dirname(os.path.abspath(directory)), "run.json")  # the callback's run record
-    if "run" not in extra and os.path.exists(run_json):
-        with open(run_json, encoding="utf-8") as fh:
-            extra["run"] = json.load(fh)
+    if "run" not in extra:
+        extra.update(_saved_run_record(directory, manifest, AnalysisConfig.coerce(config)))
+    source = present_tasks_only(store.load("source", allow_partial=allow_partial))
+    target = present_tasks_only(store.load("target", allow_partial=allow_partial))
+    status = with_left_out(status, store.left_out.get("source", []) + store.left_out.get("target", []))
     extra["harvest_status"] = status
     report = run_analysis(source, target, config, timings=timings, extra_config=extra, progress=progress)
     if status["complete"] is False:  # asked for explicitly: said first, wherever the report is read

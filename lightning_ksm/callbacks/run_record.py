@@ -12,6 +12,12 @@
   loss on every target loader after training, per target task and ``"all"``) and the real weight
   displacement ``|W_T - W0|`` over the linearized parameters (one pass over the parameters).
 
+A run that diverged (a non-finite trained weight among the linearized parameters, or a non-finite
+final target loss) records ``diverged``: the epoch and batch where the training loss was first not
+finite, the parameters and target columns that are not; its final losses and displacement are left
+out (there is no outcome to calibrate with). The analysis then does not simulate it and its report
+says so first (``estimation.select``, ``estimation.checks.diverged_run_notes``).
+
 The record is JSON-able; the callback stores it in the report's config (``config["run"]``) and in
 ``<run dir>/run.json``. These are the free ground-truth points of the watched run: none needs
 retraining.
@@ -24,7 +30,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["RunRecorder", "optimizer_record", "final_target_losses", "weight_displacement", "record_run_end"]
+__all__ = ["RunRecorder", "optimizer_record", "final_target_losses", "weight_displacement", "nonfinite_parameters",
+           "record_run_end"]
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "maximize")
 
@@ -88,6 +95,42 @@ def weight_displacement(module: torch.nn.Module, w0: Mapping[str, torch.Tensor],
         diff = params[name].detach().to("cpu", torch.float64) - w0[name].to(torch.float64)
         total += float((diff * diff).sum())
     return math.sqrt(total)
+
+
+@torch.no_grad()
+def nonfinite_parameters(module: torch.nn.Module, names: Optional[Sequence[str]] = None) -> list:
+    """The names (among ``names``, default all) of ``module``'s parameters that hold a NaN or inf."""
+    params = dict(module.named_parameters())
+    return [n for n in (names if names is not None else params) if not bool(torch.isfinite(params[n]).all())]
+
+
+class _FirstNonFiniteLoss:
+    """Where the training loss (what ``training_step`` returned: a tensor or a dict with "loss") was
+    first NaN or inf. Checked on the loss's device and read once at the end: no sync per step."""
+
+    def __init__(self) -> None:
+        self._seen = 0  # batches watched
+        self._offsets: dict = {}  # epoch -> batches watched before its batch 0
+        self._first: Optional[torch.Tensor] = None  # the first bad batch's number; -1 while none
+
+    def update(self, outputs, epoch: int, batch_idx: Optional[int]) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        self._offsets.setdefault(epoch, self._seen - int(batch_idx or 0))
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach().reshape(()))
+        self._first = self._first.masked_fill(bad & (self._first < 0), self._seen)
+        self._seen += 1
+
+    def result(self) -> Optional[dict]:
+        """``{"epoch", "batch"}`` of the first non-finite training loss, or None."""
+        first = -1 if self._first is None else int(self._first)
+        if first < 0:
+            return None
+        epoch = max(e for e, offset in self._offsets.items() if offset <= first)
+        return {"epoch": epoch, "batch": first - self._offsets[epoch]}
 
 
 def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: str) -> torch.Tensor:
@@ -160,6 +203,7 @@ class RunRecorder:
         self._rec: dict = {}
         self.lr_schedule: list = []
         self._opt = None  # set by start(); a recorder finished without it records no optimizer
+        self._nonfinite_loss = _FirstNonFiniteLoss()
 
     def start(self, trainer) -> None:
         opts = list(getattr(trainer, "optimizers", None) or [])
@@ -176,9 +220,12 @@ class RunRecorder:
         self._rec = rec
         self.lr_schedule = []
         self._opt = opts[0] if opts else None
+        self._nonfinite_loss = _FirstNonFiniteLoss()
 
-    def after_batch(self, trainer) -> None:
-        """Record the lr of the optimizer step just taken (once per optimizer step)."""
+    def after_batch(self, trainer, outputs=None, batch_idx: Optional[int] = None) -> None:
+        """Record the lr of the optimizer step just taken (once per optimizer step), and the epoch and
+        batch where the training loss (``outputs``, what ``training_step`` returned) was first not finite."""
+        self._nonfinite_loss.update(outputs, int(getattr(trainer, "current_epoch", 0)), batch_idx)
         if self._opt is None:
             return
         step = int(getattr(trainer, "global_step", 0))
@@ -187,8 +234,18 @@ class RunRecorder:
             lr = float(inner.param_groups[0]["lr"])
             self.lr_schedule.extend([lr] * (step - len(self.lr_schedule)))
 
-    def finish(self, trainer, *, displacement: Optional[float] = None, final_losses: Optional[dict] = None) -> None:
+    def finish(self, trainer, *, displacement: Optional[float] = None, final_losses: Optional[dict] = None,
+               nonfinite_params: Sequence[str] = ()) -> None:
+        """The end of the run. A non-finite parameter, final loss or displacement records the run as
+        ``diverged`` (see the module docs) instead of recording numbers no analysis can use."""
         rec = self._rec
+        bad_losses = sorted(str(k) for k, v in (final_losses or {}).items() if not math.isfinite(float(v)))
+        if nonfinite_params or bad_losses or (displacement is not None and not math.isfinite(displacement)):
+            rec["diverged"] = {"first_nonfinite_loss": self._nonfinite_loss.result(),
+                               "nonfinite_params": list(nonfinite_params), "nonfinite_final_losses": bad_losses}
+            displacement, final_losses = None, None  # no outcome: nothing to calibrate with
+        else:
+            rec["diverged"] = None
         rec["steps"] = int(getattr(trainer, "global_step", 0))
         rec["epochs"] = int(getattr(trainer, "current_epoch", 0))
         # Epoch-based: training ran by epochs (no max_steps), so a subset with less data gets fewer steps.
@@ -224,11 +281,18 @@ def record_run_end(callback, trainer, pl_module) -> Optional[dict]:
         targets = [dl for split, dl in callback._plan(trainer) if split == "target"]
         losses = final_target_losses(pl_module, targets, callback.reader, forward_fn=callback.forward_fn,
                                      output_mode=callback.harvest.output_name)
-        recorder.finish(trainer, displacement=disp, final_losses=losses)
+        recorder.finish(trainer, displacement=disp, final_losses=losses,
+                        nonfinite_params=nonfinite_parameters(pl_module, callback._param_names))
     except Exception as exc:  # noqa: BLE001 - the record is optional; the analysis still runs
         recorder.finish(trainer)
         rank_zero_warn(f"TaskAttribution: could not record the run's final outcome ({exc})")
     rec = recorder.record()
+    if rec.get("diverged"):  # the report says it first too (estimation.checks.diverged_run_notes)
+        from ..estimation.checks import describe_divergence
+
+        rank_zero_warn(f"TaskAttribution: the watched run diverged ({describe_divergence(rec['diverged'])}); its "
+                       "final losses are not recorded and GradEx cannot follow it (estimator='auto' uses the "
+                       "proximal solve at W0); the report says so first")
     if trainer.is_global_zero and callback.output_dir is not None:
         os.makedirs(callback.output_dir, exist_ok=True)
         atomic_write_json(os.path.join(callback.output_dir, "run.json"), rec)

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 
 __all__ = ["MissingSnapshotError", "SnapshotMismatchError", "file_sha256", "weights_from_file", "find_w0",
-           "checkpoint_weights", "parse_snapshot"]
+           "checkpoint_weights", "parse_snapshot", "check_finite_w0"]
 
 
 class MissingSnapshotError(FileNotFoundError):
@@ -65,6 +65,26 @@ def checkpoint_weights(path: str, model, param_names: list) -> dict:
     if bad:
         raise ValueError(f"snapshot checkpoint {path!r} has other shapes for parameter(s) {bad[:5]}")
     return {n: t.detach().to("cpu", copy=True) for n, t in state.items()}
+
+
+def check_finite_w0(state: dict, names: Iterable[str], snapshot: str) -> None:
+    """Raise unless W0's linearized parameters ``names`` are finite: GradEx linearizes around W0, and a
+    NaN or inf there surfaces much later (or never) as a failure that names no parameter."""
+    bad = [n for n in names if n in state and not bool(torch.isfinite(state[n]).all())]
+    if not bad:
+        return
+    epoch = parse_snapshot(snapshot)
+    if epoch is None:
+        where, fix = f"the snapshot checkpoint {snapshot!r}", "Take W0 from a checkpoint whose weights are finite"
+    elif epoch == 0:
+        where = "the model's weights at the start of fit"
+        fix = "Fix the initialization (or the weights loaded into the model) so that every parameter is finite"
+    else:
+        where = f"the weights at the start of epoch {epoch}"
+        fix = "Training diverged before the snapshot: fix the training or take W0 earlier (snapshot=)"
+    names_text = ", ".join(map(repr, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise ValueError(f"TaskAttribution: W0 ({where}) holds NaN or inf in parameter(s) {names_text}; GradEx "
+                     f"linearizes around W0 and cannot use them. {fix}")
 
 
 def find_w0(candidates: Iterable[Optional[str]], sha256: Optional[str]) -> str:

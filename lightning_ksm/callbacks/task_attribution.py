@@ -4,9 +4,9 @@ Lifecycle during ``trainer.fit``:
 
 1. construction: every setting is checked (:mod:`lightning_ksm.config`); a bad one raises here.
 2. ``setup``: resolve the output directory (like ``ModelCheckpoint`` resolves ``dirpath``).
-3. ``on_train_start``: snapshot W0 (default) and probe the first source and target batches (task
-   ids readable, the output mode fits the model, gradients finite) and the settings that depend on
-   the number of tasks. Bad input fails here, before any training step.
+3. ``on_train_start``: snapshot W0 (default; a NaN or inf weight is refused by name) and probe the
+   first source and target batches (task ids readable, the output mode fits the model, gradients
+   finite) and the settings that depend on the number of tasks. Bad input fails here, before any step.
 4. first real validation epoch after the snapshot (never the sanity check), or at the end of fit:
    the :class:`~lightning_ksm.harvesting.runner.HarvestRunner` harvests per-sample outputs and
    projected Jacobians at W0 into the feature store, sharded across DDP ranks. The model, its
@@ -35,7 +35,7 @@ from ..harvesting.readout import adam_preconditioner
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
 from .inputs import callback_warnings, check_data, enabled, named_plan
-from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
+from .snapshot import MissingSnapshotError, check_finite_w0, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 from .run_record import RunRecorder, record_run_end
 
 __all__ = ["TaskAttributionMixin"]
@@ -215,7 +215,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._enabled(trainer):  # fast_dev_run: on_train_start did not start the recorder
-            self.run_recorder.after_batch(trainer)
+            self.run_recorder.after_batch(trainer, outputs, batch_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # The first real validation of fit after the snapshot (inside fit, trainer.training is False
@@ -281,6 +281,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         if state is None:
             state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
             state.update({n: b.detach().to("cpu", copy=True) for n, b in pl_module.named_buffers()})
+        check_finite_w0(state, self._param_names, self.snapshot)  # before w0.pt and the first step
         self._w0 = state
         self._save_w0(trainer, state)
 

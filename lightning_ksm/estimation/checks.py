@@ -12,7 +12,7 @@ from ..features import HarvestedFeatures
 from .losses import MODE_TO_LOSS
 
 __all__ = ["check_scalar", "check_source_subsets", "check_split", "check_target", "linear_regime_notes",
-           "task_names", "REGIME_FACTOR"]
+           "describe_divergence", "diverged_run_notes", "task_names", "REGIME_FACTOR"]
 
 # How far the linearized all-tasks run may be from the watched one before the report says so. Seen:
 # 0.86-1.44 on GPT-2 and 1.0-2.5 on the demo, where F^ tracks real retraining (Spearman 0.95+);
@@ -214,3 +214,32 @@ def linear_regime_notes(all_tasks_change: Optional[dict], columns=("all",)) -> l
             f"{'; '.join(off)} (per projection draw). The estimated losses are not what training gives, "
             f"and how well they rank subsets is not known from this run; check the subsets and tasks you "
             f"act on by retraining (docs/gradex.md, 'When the linearization does not hold')"]
+
+
+def describe_divergence(diverged: dict) -> str:
+    """What a run record's ``diverged`` entry says, in words (callbacks/run_record.py writes it)."""
+    parts = []
+    first = diverged.get("first_nonfinite_loss")
+    if first:
+        parts.append(f"the training loss was first NaN or inf at epoch {first.get('epoch')}, "
+                     f"batch {first.get('batch')}")
+    params = list(diverged.get("nonfinite_params") or [])
+    if params:
+        more = f" and {len(params) - 5} more" if len(params) > 5 else ""
+        parts.append(f"the trained weights hold NaN or inf in {', '.join(map(repr, params[:5]))}{more}")
+    losses = list(diverged.get("nonfinite_final_losses") or [])
+    if losses:
+        parts.append(f"the final target loss is NaN or inf for {', '.join(map(repr, losses))}")
+    return "; ".join(parts) or "its final outcome is not finite"
+
+
+def diverged_run_notes(run: Optional[dict]) -> list:
+    """The report warning (at most one) for a watched run that diverged (``run["diverged"]``)."""
+    diverged = (run or {}).get("diverged")
+    if not diverged:
+        return []
+    return [f"THE WATCHED RUN DIVERGED: {describe_divergence(diverged)}. Its final losses and the effect "
+            f"calibration are unavailable, and the linearized simulation of a run that diverged is not "
+            f"supported: these estimates come from GradEx's proximal solve at W0 (estimator='proximal'), "
+            f"not from the training that was run. Fix the training (e.g. a lower learning rate, gradient "
+            f"clipping) and train again for an attribution of the run you use"]

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import AnalysisConfig
 from ..features import HarvestedFeatures
+from .checks import describe_divergence
 from .estimate import GradExResult, gradex
 from .simulate import simulate
 
@@ -16,10 +17,19 @@ __all__ = ["estimate_subsets", "resolve_estimator"]
 
 def resolve_estimator(config: AnalysisConfig, run: Optional[Mapping]) -> str:
     """``"simulate"`` or ``"proximal"`` for ``config.estimator`` (``"auto"``: simulate when a run
-    record with optimizer steps is at hand, else proximal)."""
+    record with optimizer steps is at hand and the run did not diverge, else proximal; the report
+    of a diverged run says so first, :func:`.checks.diverged_run_notes`)."""
     kind = config.estimator
+    diverged = bool(run and run.get("diverged"))
     if kind == "auto":
-        return "simulate" if run and run.get("optimizer") and run.get("steps") else "proximal"
+        return "simulate" if run and run.get("optimizer") and run.get("steps") and not diverged else "proximal"
+    if kind == "simulate" and diverged:
+        raise ValueError(
+            f'estimator="simulate" follows the recorded training run, but that run diverged '
+            f'({describe_divergence(run["diverged"])}): the linearized simulation of a run that diverged is '
+            f'not supported. Set estimator="proximal" (lightning-ksm analyze: --estimator proximal) for '
+            f"GradEx's proximal solve at W0, or fix the training and train again"
+        )
     if kind == "simulate" and not (run and run.get("optimizer") and run.get("steps")):
         raise ValueError(
             'estimator="simulate" follows the recorded training run, but no run record (optimizer and '

@@ -16,6 +16,7 @@ then ``"all"`` (every target sample), the same columns GradEx reports. The targe
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional
 
 import numpy as np
@@ -32,8 +33,8 @@ READOUT_MODES = ("margin", "logits", "regression", "logistic")
 
 def adam_preconditioner(optimizer, named_params: Mapping[str, torch.Tensor]) -> Optional[dict]:
     """``{name: 1 / sqrt(sqrt(v_hat) + eps)}`` from an Adam-type optimizer's second moments (the
-    square root of its diagonal preconditioner), or None when it has none yet (SGD, no step taken)
-    or a selected parameter has none."""
+    square root of its diagonal preconditioner), or None when it has none yet (SGD, no step taken),
+    a selected parameter has none, or it is not finite (a diverged run: warns)."""
     if optimizer is None or not getattr(optimizer, "state", None):
         return None
     group_of = {}
@@ -50,6 +51,11 @@ def adam_preconditioner(optimizer, named_params: Mapping[str, torch.Tensor]) -> 
         step = float(st.get("step", 1))
         v_hat = st["exp_avg_sq"].detach().float() / (1 - beta2 ** max(step, 1.0))
         out[name] = (1.0 / torch.sqrt(torch.sqrt(v_hat) + float(group.get("eps", 1e-8)))).cpu()
+    bad = [name for name, scale in out.items() if not bool(torch.isfinite(scale).all())]
+    if bad:  # the run diverged before the harvest: NaN features would fail far from the cause
+        warnings.warn(f"the optimizer's second moments hold NaN or inf for {', '.join(map(repr, bad[:5]))} (the "
+                      "run diverged before the harvest): the gradients are harvested without its preconditioner")
+        return None
     return out
 
 

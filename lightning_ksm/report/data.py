@@ -294,8 +294,8 @@ class AttributionReport:
 
     def warnings(self) -> list:
         """What qualifies every number of the report, said first wherever it is shown: that only part
-        of the harvest was analysed, and any GradEx estimate outside its regime (``fit_quality``
-        ``"warnings"``)."""
+        of the harvest was analysed, a watched run that diverged, and any GradEx estimate outside its
+        regime (``fit_quality`` ``"warnings"``)."""
         fq = self.fit_quality
         out = [str((fq.get("notes") or ["PARTIAL HARVEST"])[0])] if fq.get("partial_harvest") else []
         return out + [str(w) for w in fq.get("warnings") or []]

@@ -132,6 +132,8 @@ _FIT_EXPLAIN = {
     "all-tasks run (estimated) and of the watched run (observed).",
     "linear_regime": "False when the linearized all-tasks run does not follow the watched run (the "
     "other direction, or more than 3x off): the estimated losses are not what training gives; check by retraining.",
+    "run_diverged": "True when the watched run diverged (NaN or inf loss or weights): GradEx used the proximal "
+    "solve at W0, with no calibration from the run's outcome.",
 }
 
 
