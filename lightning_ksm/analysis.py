@@ -18,8 +18,9 @@ import numpy as np
 from ._threads import pinned_threads
 from .assemble import assemble_readouts, default_groups
 from .config import AnalysisConfig
-from .estimation import estimate_subsets
+from .estimation import estimate_subsets, resolve_estimator
 from .estimation.checks import diverged_run_notes, linear_regime_notes
+from .estimation.epochs import run_record_notes, undrawn_tasks
 from .features import HarvestedFeatures
 from .quality import holdout_quality
 from .report import AttributionReport
@@ -68,6 +69,15 @@ def run_analysis(
 
 
 def _run_analysis(source, target, cfg, task_names, timings, extra_config, progress) -> AttributionReport:
+    run = (extra_config or {}).get("run")
+    record_warnings, record_notes = [], []
+    if resolve_estimator(cfg, run) == "simulate":  # the estimate follows the watched run: what it drew
+        left_out = undrawn_tasks(run, source.task_names)
+        if left_out:
+            source = _without_tasks(source, left_out)
+            task_names = [str(t) for t in source.task_names]
+        counts = np.bincount(np.asarray(source.task_ids, dtype=np.int64), minlength=len(source.task_names))
+        record_warnings, record_notes = run_record_notes(run, source.task_names, counts, cfg.calibrate, left_out)
     K = len(task_names)
 
     # 1. subsets; unique when there are enough distinct subsets to draw from.
@@ -84,7 +94,7 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     extra = dict(extra_config or {})
     fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss,
                  "estimator": result.extras["estimator"]}
-    for key in ("adam_as", "calibrate", "exact_readout", "effect_scale", "all_tasks_change"):  # how F^ was made
+    for key in ("adam_as", "calibrate", "steps", "exact_readout", "effect_scale", "all_tasks_change"):  # how F^ was made
         if key in result.extras:
             fit_extra[f"gradex_{key}"] = result.extras[key]
     report = report_from_losses(
@@ -96,11 +106,15 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     regime = linear_regime_notes(result.extras.get("all_tasks_change"), columns=report.target_names)
     if regime:  # warnings are said first (text, HTML, command line): they qualify every number
         report.fit_quality["linear_regime"] = False
-        report.fit_quality["warnings"] = list(report.fit_quality.get("warnings", [])) + regime
-    diverged = diverged_run_notes((extra_config or {}).get("run"))
+    fq = report.fit_quality
+    if record_warnings or regime:
+        fq["warnings"] = record_warnings + list(fq.get("warnings", [])) + regime
+    if record_notes:
+        fq["notes"] = record_notes + list(fq.get("notes", []))
+    diverged = diverged_run_notes(run)
     if diverged:  # before any other warning: no number here comes from the training that was run
-        report.fit_quality["run_diverged"] = True
-        report.fit_quality["warnings"] = diverged + list(report.fit_quality.get("warnings", []))
+        fq["run_diverged"] = True
+        fq["warnings"] = diverged + list(fq.get("warnings", []))
     return report
 
 
@@ -214,6 +228,13 @@ def _report_from_losses(S, F, task_names, target_names, cfg, timings, extra_conf
     # Kept (not saved) for callers that want to predict more subsets, e.g. task selection.
     report.surrogate_, report.linear_surrogate_ = surrogate, linear
     return report
+
+
+def _without_tasks(features: HarvestedFeatures, tasks) -> HarvestedFeatures:
+    """The features without the samples of ``tasks`` (task ids remapped to the remaining tasks)."""
+    gone = {str(t) for t in tasks}
+    keep = np.array([str(t) not in gone for t in features.task_names])
+    return present_tasks_only(features.subset(np.flatnonzero(keep[np.asarray(features.task_ids)])))
 
 
 def present_tasks_only(features: HarvestedFeatures) -> HarvestedFeatures:

@@ -75,10 +75,29 @@ def test_the_harvest_runs_at_the_first_validation_and_an_end_of_epoch_resume_rec
     # Resumed from the end-of-epoch checkpoint: the harvest is complete, nothing is recomputed.
     again = _resume(tmp_path, TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST), str(tmp_path / "ckpt" / "last.ckpt"))
     assert again.shards_computed == 0 and again.report is not None
+    assert again.report.config["run"]["resumed"] == [{"epoch": 1, "step": 8, "mid_epoch": False}]
+    assert not any("mid-epoch" in n for n in again.report.fit_quality.get("notes", []))
     # Resumed from the final checkpoint (the fit loop is done, on_train_start never runs): analysis only.
     final = _resume(tmp_path, TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST), str(tmp_path / "ckpt2" / "last.ckpt"))
     assert final.shards_computed == 0 and final.report is not None
     assert final.report.task_names == again.report.task_names
+
+
+def test_a_mid_epoch_resume_is_recorded_whole_and_the_report_says_what_it_affects(tmp_path):
+    """Issue #23 item 10: resumed from the checkpoint at step 12 (epoch 1, batch 4 of 8), Lightning
+    restarts epoch 1's loader, so the final losses that calibrate="effect" fits every estimate to are
+    not an uninterrupted run's; before, the report did not say so (and the record lost the steps and
+    lr schedule before the resume)."""
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    ckpt = _killed_run(str(tmp_path / "run"), cb, epoch=1)
+    resumed = _resume(str(tmp_path / "run"), TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST), ckpt)
+    notes = resumed.report.fit_quality.get("notes", [])
+    assert notes and "resumed from a mid-epoch checkpoint (epoch 1, step 12)" in notes[0]
+    assert "calibrate='effect'" in notes[0] and "calibrate='none'" in notes[0]
+    run = resumed.report.config["run"]
+    assert run["resumed"] == [{"epoch": 1, "step": 12, "mid_epoch": True}]
+    assert [e["steps"] for e in run["per_epoch"]] == [8, 8] and len(run["lr_schedule"]) == run["steps"] == 16
+    assert resumed.report.fit_quality["gradex_steps"]["all_tasks"] == 16  # as an uninterrupted run
 
 
 def test_resume_finds_w0_by_identity_and_never_re_snapshots(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ import lightning.pytorch as L
 from lightning_ksm import TaskAttribution
 from lightning_ksm.config import AnalysisConfig
 from lightning_ksm.estimation import estimate_subsets, resolve_estimator, simulate, subset_sample_weights
+from lightning_ksm.estimation.epochs import epoch_draws
 from lightning_ksm.estimation.simulate import subset_steps
 from lightning_ksm.harvesting import harvest
 from lightning_ksm.harvesting.projection import make_projector
@@ -262,3 +263,104 @@ def test_the_gram_matrix_trajectory_equals_the_feature_space_one(setting, monkey
     primal = simulate(src, tgt, S, run, adam_as=adam_as, dtype=torch.float64).losses
     np.testing.assert_allclose(dual, primal, rtol=1e-9, atol=1e-12)
     assert np.ptp(dual[:, -1]) > 0  # the subsets do differ
+
+
+# -- issue #23 item 3: the steps and samples the run really had -------------------------------------
+def _drawn_record(draws_per_epoch, steps_per_epoch, n_train):
+    """An epoch-based SGD record whose run drew ``draws_per_epoch`` ({task: samples}) per epoch."""
+    return {"optimizer": {"type": "SGD", "lr": 0.05}, "epoch_based": True, "epochs": len(steps_per_epoch),
+            "steps": int(sum(steps_per_epoch)), "batch_size": 16, "n_train_samples": n_train,
+            "per_epoch": [{"epoch": e, "steps": s, "drawn": d}
+                          for e, (s, d) in enumerate(zip(steps_per_epoch, draws_per_epoch))]}
+
+
+def test_simulate_runs_the_recorded_steps_on_the_samples_drawn(setting):
+    """limit_train_batches: 3 batches of 16 per epoch, drawn from tasks 0 and 1 only. Before, the
+    simulation ran epochs x ceil(n_s / 16) steps (60 for all tasks, against the run's 6) over all
+    480 samples, so tasks 2-5, never trained on, moved every estimate."""
+    data, w0, S, (src, tgt) = setting
+    counts = np.bincount(data[2].numpy(), minlength=K)
+    drawn = {"0": 40, "1": 8}  # the first 48 samples of an unshuffled loader: task 0, then task 1
+    run = _drawn_record([drawn, drawn], [3, 3], int(counts.sum()))
+    res = simulate(src, tgt, S, run)
+    n_s = S.astype(np.int64) @ counts
+    expect = [max(1, 2 * (-(-3 * (40 * s[0] + 8 * s[1]) // 48))) for s in S]  # 3 steps per 48 drawn
+    np.testing.assert_array_equal(res.n_iter, expect)
+    assert res.extras["steps"]["all_tasks"] == run["steps"] == 6
+    np.testing.assert_array_equal(subset_steps(run, n_s, epoch_draws(run, list(range(K)), counts), S), expect)
+    # The tasks the run never drew change nothing: s and s with tasks 2-5 swapped in or out agree.
+    with_none = S.copy()
+    with_none[:, 2:] = ~with_none[:, 2:]
+    with_none[~S[:, :2].any(1), 2] = True  # keep every subset non-empty
+    np.testing.assert_allclose(simulate(src, tgt, with_none, run).losses[S[:, :2].any(1)],
+                               res.losses[S[:, :2].any(1)], rtol=1e-6)
+    # A run that drew every sample (full epochs) is simulated as before: the data's shares.
+    full = _drawn_record([{str(k): int(c) for k, c in enumerate(counts)}] * 2, [30, 30], int(counts.sum()))
+    np.testing.assert_array_equal(simulate(src, tgt, S, full).n_iter, 2 * np.ceil(n_s / 16))
+
+
+def test_a_run_that_drew_part_of_the_data_is_simulated_as_it_ran(tmp_path):
+    """The issue's run: limit_train_batches=3 of an unshuffled loader (batch 16, 160 samples), 2
+    epochs: 6 steps on tasks 0 and 1 only. Before: 20 steps simulated over all 160 samples, and
+    tasks 2 and 3, never trained on, ranked (one as the most helpful)."""
+    from torch.utils.data import DataLoader
+
+    L.seed_everything(0, verbose=False)
+    train, val = make_data(n_per_task=40)
+    cb = TaskAttribution(n_subsets=20, proj_dim=16, progress=False, raise_on_analysis_error=True)
+    tr = L.Trainer(default_root_dir=tmp_path, callbacks=[cb], enable_progress_bar=False, logger=False,
+                   enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                   max_epochs=2, limit_train_batches=3)
+    tr.fit(TinyNet(), DataLoader(train, batch_size=16), DataLoader(val, batch_size=32))
+    report = cb.report
+    # Never drawn: not ranked, and said first.
+    assert report.task_names == ["0", "1"] and report.scores["ensemble"].shape[0] == 2
+    assert "never drew a sample of task(s) '2', '3'" in report.warnings()[0]
+    assert any("drew 48 of its 160 training samples per epoch" in n for n in report.fit_quality["notes"])
+    # The steps the run made, on what it drew.
+    run = report.config["run"]
+    assert tr.global_step == 6 and report.fit_quality["gradex_steps"]["all_tasks"] == 6
+    assert [e["drawn"] for e in run["per_epoch"]] == [{"0": 40, "1": 8}] * 2 and run["limit_train_batches"] == 3
+
+
+def test_the_recorder_keeps_its_state_through_a_checkpoint_and_sees_a_mid_epoch_resume():
+    from types import SimpleNamespace
+
+    from lightning_ksm.callbacks.run_record import RunRecorder
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    reader = SimpleNamespace(read=lambda batch: (None, None, batch))
+    trainer = SimpleNamespace(optimizers=[opt], global_step=0, current_epoch=0, max_steps=-1, max_epochs=2,
+                              world_size=1, limit_train_batches=1.0)
+    rec = RunRecorder()
+    rec.start(trainer)
+    for batch in ([0, 0, 1], [1, 2, 2], [0, 1, 2]):  # 3 steps of epoch 0, then a checkpoint
+        trainer.global_step += 1
+        rec.after_batch(trainer, batch=torch.tensor(batch), reader=reader)
+        sched.step()
+    state = rec.state_dict()
+    # A new process: the optimizer's lr is now scheduled (0.05); the record keeps the run's own.
+    again = RunRecorder()
+    again.load_state_dict(state)
+    again.start(trainer)
+    trainer.global_step += 1
+    again.after_batch(trainer, batch=torch.tensor([2, 2]), reader=reader)
+    again.finish(trainer)
+    out = again.record()
+    assert out["optimizer"]["lr"] == 0.1 and out["lr_schedule"] == [0.1, 0.1, 0.05, 0.05]
+    assert out["per_epoch"] == [{"epoch": 0, "steps": 4, "drawn": {"0": 3, "1": 3, "2": 5}}]
+    assert out["resumed"] == [{"epoch": 0, "step": 3, "mid_epoch": True}]
+    # Resumed from a checkpoint taken without this state: the epochs before are unknown, not guessed.
+    blind = RunRecorder()
+    blind.start(trainer)
+    blind.finish(trainer)
+    assert blind.record()["per_epoch"] is None and blind.record()["resumed"][0]["mid_epoch"] is None
+    # Training batches without readable task ids: the steps per epoch, no draws.
+    unread = RunRecorder()
+    trainer.global_step = 0
+    unread.start(trainer)
+    trainer.global_step = 1
+    unread.after_batch(trainer, batch=None, reader=SimpleNamespace(read=lambda batch: batch[2]))
+    unread.finish(trainer)
+    assert unread.record()["per_epoch"] == [{"epoch": 0, "steps": 1, "drawn": None}]

@@ -6,11 +6,17 @@
   dampening, Nesterov, amsgrad) of its first parameter group, the learning-rate schedulers'
   class names and intervals, ``max_steps`` / ``max_epochs``, gradient accumulation, the train
   loader's batch size and number of samples;
-- after every training batch: the learning rate of the step just taken (the lr schedule);
+- after every training batch: the learning rate of the step just taken (the lr schedule), and per
+  epoch the optimizer steps taken and the samples of each task drawn (the task ids of the batch);
 - at the end: the optimizer steps and epochs really run, whether the run was epoch-based (no
   ``max_steps``: a subset with less data gets fewer steps), the real all-tasks outcome (the mean
   loss on every target loader after training, per target task and ``"all"``) and the real weight
-  displacement ``|W_T - W0|`` over the linearized parameters (one pass over the parameters).
+  displacement ``|W_T - W0|`` over the linearized parameters (one pass over the parameters); the
+  per-epoch steps and draws (``per_epoch``, draws added over the DDP ranks) and where a resumed fit
+  continued (``resumed``: a mid-epoch checkpoint restarts that epoch's data loader).
+
+The recorder's state travels in the callback's checkpoint state (:meth:`RunRecorder.state_dict`),
+so a resumed fit records the whole run: its lr schedule, and the epochs before the resume.
 
 A run that diverged (a non-finite trained weight among the linearized parameters, or a non-finite
 final target loss) records ``diverged``: the epoch and batch where the training loss was first not
@@ -26,9 +32,12 @@ retraining.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+
+from ..task_ids import normalize_task_id
 
 __all__ = ["RunRecorder", "optimizer_record", "final_target_losses", "weight_displacement", "nonfinite_parameters",
            "record_run_end"]
@@ -196,6 +205,28 @@ def _means(sums: dict, counts: dict) -> dict:
     return {key: sums[key] / max(counts[key], 1) for key in sums}
 
 
+def _all_ranks(value) -> list:
+    """``value`` of every DDP rank (``[value]`` without DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def _runs(values: list) -> list:
+    """``[[value, repeats], ...]``: an lr schedule as the checkpoint keeps it (short for a constant lr)."""
+    out: list = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
 class RunRecorder:
     """Collects the record of one ``trainer.fit`` (see the module docs); :meth:`record` returns it."""
 
@@ -204,6 +235,13 @@ class RunRecorder:
         self.lr_schedule: list = []
         self._opt = None  # set by start(); a recorder finished without it records no optimizer
         self._nonfinite_loss = _FirstNonFiniteLoss()
+        self._epochs: dict = {}  # epoch -> {"steps", "batches", "drawn": {task: samples on this rank}}
+        self._step = 0  # the global step after the last batch seen
+        self._draws = True  # False: a training batch had no readable task ids (no draws recorded)
+        self._complete = True  # False: resumed from a checkpoint without this state (epochs before it unknown)
+        self._resumes: list = []
+        self._restored = False
+        self._pending: list = []  # (the epoch's draws, the task ids of a batch) not yet counted
 
     def start(self, trainer) -> None:
         opts = list(getattr(trainer, "optimizers", None) or [])
@@ -213,26 +251,79 @@ class RunRecorder:
         max_epochs = getattr(trainer, "max_epochs", None)
         rec["max_epochs"] = None if max_epochs in (None, -1) else int(max_epochs)
         rec["accumulate_grad_batches"] = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        rec["world_size"] = int(getattr(trainer, "world_size", 1) or 1)
+        rec["limit_train_batches"] = _plain(getattr(trainer, "limit_train_batches", None))
         rec["lr_schedulers"] = _scheduler_info(trainer)
         loader = getattr(trainer, "train_dataloader", None)
         if loader is not None:
             rec.update(_loader_info(loader))
-        self._rec = rec
-        self.lr_schedule = []
+        step, epoch = int(getattr(trainer, "global_step", 0)), int(getattr(trainer, "current_epoch", 0))
+        if self._restored:  # resumed with this state: the optimizer as the run started (its lr is not yet scheduled)
+            rec["optimizer"] = self._rec.get("optimizer", rec["optimizer"])
+        else:
+            self.lr_schedule, self._epochs, self._resumes, self._pending = [], {}, [], []
+            self._draws, self._complete = True, step == 0  # steps before this fit: not seen
+        if step > 0:  # a resumed fit; a checkpoint taken inside an epoch restarts that epoch's loader
+            self._resumes.append({"epoch": epoch, "step": step,
+                                  "mid_epoch": bool(self._epochs.get(epoch, {}).get("batches")) if self._complete else None})
+        self._rec, self._step, self._restored = rec, step, False
         self._opt = opts[0] if opts else None
         self._nonfinite_loss = _FirstNonFiniteLoss()
 
-    def after_batch(self, trainer, outputs=None, batch_idx: Optional[int] = None) -> None:
-        """Record the lr of the optimizer step just taken (once per optimizer step), and the epoch and
+    def after_batch(self, trainer, outputs=None, batch_idx: Optional[int] = None, batch=None, reader=None) -> None:
+        """Per training batch: the steps of this epoch and the samples of each task drawn (task ids
+        read with ``reader``); once per optimizer step, the lr of the step just taken; the epoch and
         batch where the training loss (``outputs``, what ``training_step`` returned) was first not finite."""
         self._nonfinite_loss.update(outputs, int(getattr(trainer, "current_epoch", 0)), batch_idx)
+        step = int(getattr(trainer, "global_step", 0))
+        epoch = self._epochs.setdefault(int(getattr(trainer, "current_epoch", 0)), {"steps": 0, "batches": 0, "drawn": {}})
+        epoch["steps"] += max(0, step - self._step)
+        epoch["batches"] += 1
+        self._step = step
+        if self._draws and reader is not None:
+            try:
+                tasks = reader.read(batch)[2]
+                self._pending.append((epoch["drawn"], tasks.detach() if isinstance(tasks, torch.Tensor) else list(tasks)))
+            except Exception:  # noqa: BLE001 - the record of the draws is optional; training goes on
+                self._draws = False
+            if len(self._pending) >= 256:
+                self._count_pending()
         if self._opt is None:
             return
-        step = int(getattr(trainer, "global_step", 0))
         if step > len(self.lr_schedule):
             inner = getattr(self._opt, "optimizer", self._opt)
             lr = float(inner.param_groups[0]["lr"])
             self.lr_schedule.extend([lr] * (step - len(self.lr_schedule)))
+
+    def _count_pending(self) -> None:
+        """Add the task ids of the batches since the last call to the draws: read from the device
+        every 256 batches, not at every step (no synchronization per step)."""
+        pending, self._pending = self._pending, []
+        try:
+            for drawn, tasks in pending:
+                for task, count in Counter(tasks.tolist() if isinstance(tasks, torch.Tensor) else tasks).items():
+                    key = str(normalize_task_id(task))
+                    drawn[key] = drawn.get(key, 0) + count
+        except Exception:  # noqa: BLE001 - unreadable task ids: no draws recorded
+            self._draws = False
+
+    def _per_epoch(self) -> Optional[list]:
+        """``[{"epoch", "steps", "drawn": {task: samples of all ranks} or None}]``; None when the epochs
+        before a resume are unknown. Collective under DDP: every rank calls it."""
+        if not self._complete:
+            return None
+        self._count_pending()
+        ranks = _all_ranks({e: v["drawn"] for e, v in self._epochs.items()} if self._draws else None)
+        out = []
+        for e in sorted(self._epochs):
+            drawn = None
+            if all(r is not None for r in ranks):
+                drawn = {}
+                for r in ranks:
+                    for task, count in r.get(e, {}).items():
+                        drawn[task] = drawn.get(task, 0) + count
+            out.append({"epoch": e, "steps": self._epochs[e]["steps"], "drawn": drawn})
+        return out
 
     def finish(self, trainer, *, displacement: Optional[float] = None, final_losses: Optional[dict] = None,
                nonfinite_params: Sequence[str] = ()) -> None:
@@ -251,6 +342,8 @@ class RunRecorder:
         # Epoch-based: training ran by epochs (no max_steps), so a subset with less data gets fewer steps.
         rec["epoch_based"] = rec.get("max_steps") is None
         rec["lr_schedule"] = list(self.lr_schedule[: rec["steps"]]) or None
+        rec["per_epoch"] = self._per_epoch()
+        rec["resumed"] = list(self._resumes)
         if displacement is not None:
             rec["displacement"] = float(displacement)
         if final_losses is not None:
@@ -263,6 +356,24 @@ class RunRecorder:
 
     def record(self) -> dict:
         return dict(self._rec)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (this rank's draws; under DDP the checkpoint holds rank 0's, so a
+        resumed run counts rank 0's draws before the resume on every rank: the same totals)."""
+        self._count_pending()
+        epochs = {e: {**v, "drawn": dict(v["drawn"])} for e, v in self._epochs.items()}  # a copy: saving may lag
+        return {"rec": dict(self._rec), "lr_schedule": _runs(self.lr_schedule), "epochs": epochs,
+                "draws": self._draws, "complete": self._complete, "resumes": list(self._resumes)}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if not state:  # a checkpoint from before the recorder kept its state
+            return
+        self._rec = dict(state.get("rec") or {})
+        self.lr_schedule = [float(v) for v, n in state.get("lr_schedule") or [] for _ in range(int(n))]
+        self._epochs = {int(e): v for e, v in (state.get("epochs") or {}).items()}
+        self._draws, self._complete = bool(state.get("draws", True)), bool(state.get("complete", True))
+        self._resumes, self._pending = list(state.get("resumes") or []), []
+        self._restored = True
 
 
 def record_run_end(callback, trainer, pl_module) -> Optional[dict]:

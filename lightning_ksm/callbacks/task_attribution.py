@@ -215,7 +215,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._enabled(trainer):  # fast_dev_run: on_train_start did not start the recorder
-            self.run_recorder.after_batch(trainer, outputs, batch_idx)
+            self.run_recorder.after_batch(trainer, outputs, batch_idx, batch, self.reader)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # The first real validation of fit after the snapshot (inside fit, trainer.training is False
@@ -250,10 +250,11 @@ class TaskAttributionMixin(AttributionCallbackBase):
         )
 
     def _extra_state(self) -> dict:
-        return {"harvest_complete": self.harvest_complete}
+        return {"harvest_complete": self.harvest_complete, "run_record": self.run_recorder.state_dict()}
 
     def _load_extra_state(self, state_dict: dict) -> None:
         self.harvest_complete = bool(state_dict.get("harvest_complete", False))
+        self.run_recorder.load_state_dict(state_dict.get("run_record"))  # a resumed run records the whole run
 
     def _guard_stale_output(self, trainer) -> None:
         """A fresh run must not mix its features with an earlier run's harvest in the same directory.

@@ -9,11 +9,14 @@ subset ``s`` at once, the optimizer of the recorded training run on that lineari
   applied to the weight change only (the W0 part of a decay towards zero is not representable in
   ``z`` and is left out);
 - the number of steps each subset would get: a step-based run (``max_steps``) gives every subset
-  the recorded steps; an epoch-based run gives ``epochs x ceil(n_s / (batch_size x accumulation))``
-  steps, growing with the subset's data; a recorded per-step schedule is stretched over each
-  subset's steps;
+  the recorded steps; an epoch-based run gives, per recorded epoch, the run's steps in proportion to
+  the subset's share of the samples drawn (:mod:`.epochs`; without per-epoch records
+  ``epochs x ceil(n_s / (batch_size x accumulation x world_size))``), growing with the subset's
+  data; a recorded per-step schedule is stretched over each subset's steps;
 - full-batch gradients of the subset's weighted mean loss (``weighting``), one matrix product for
-  all subsets per step (no minibatch noise: the estimate is of the mean over batch orders).
+  all subsets per step (no minibatch noise: the estimate is of the mean over batch orders); where
+  the run drew only part of the data per epoch, each task's samples weighted by how often they
+  were drawn.
 
 ``adam_as`` chooses what an Adam-type optimizer becomes in the projected space:
 ``"adam"`` runs Adam coordinate-wise on z (the projected coordinates are random mixtures of the
@@ -49,11 +52,12 @@ import torch
 from ..config import CALIBRATIONS, SIMULATE_ADAM
 from ..features import HarvestedFeatures
 from .checks import check_source_subsets, check_target
+from .epochs import EpochDraws, epoch_draws
 from .estimate import GradExResult, _Target
 from .losses import MODE_TO_LOSS, default_loss
 from .newton import LinearizedSource, subset_sample_weights
 
-__all__ = ["ADAM_AS", "CALIBRATIONS", "simulate", "subset_steps", "optimizer_spec"]
+__all__ = ["ADAM_AS", "CALIBRATIONS", "simulate", "subset_steps", "subset_weights", "optimizer_spec"]
 
 ADAM_AS = SIMULATE_ADAM
 _ADAM_TYPES = ("adam", "adamw", "nadam", "radam", "adamax")
@@ -79,20 +83,40 @@ def optimizer_spec(run: Mapping) -> dict:
     }
 
 
-def subset_steps(run: Mapping, n_samples: np.ndarray) -> np.ndarray:
+def subset_steps(run: Mapping, n_samples: np.ndarray, draws: Optional[EpochDraws] = None,
+                 subsets: Optional[np.ndarray] = None) -> np.ndarray:
     """Optimizer steps of each subset: the recorded steps (step-based run), or, for an epoch-based
-    run, ``epochs x ceil(n_s / (batch_size x accumulate_grad_batches))`` for ``n_s`` samples."""
+    run with per-epoch ``draws`` (:func:`.epochs.epoch_draws`) of the ``subsets`` ``(m, K)``,
+    ``sum_e ceil(steps_e x drawn_s,e / drawn_e)``; without them ``epochs x ceil(n_s / (batch_size
+    x accumulate_grad_batches x world_size))`` for ``n_s`` samples."""
     n_samples = np.asarray(n_samples, dtype=np.int64)
     steps = int(run.get("steps") or 0)
     if not run.get("epoch_based"):
         if steps < 1:
             raise ValueError("the run record has no optimizer steps ('steps'); nothing to simulate")
         return np.full(len(n_samples), steps, dtype=np.int64)
+    if draws is not None and subsets is not None:  # integer ceil: the all-tasks subset gets the run's steps
+        total = np.maximum(draws.total, 1)
+        per = -(-(draws.steps[None, :] * draws.subset_draws(subsets)) // total[None, :])
+        return np.maximum(1, per.sum(1)).astype(np.int64)
     epochs = int(run.get("epochs") or 0)
-    per = int(run.get("batch_size") or 0) * int(run.get("accumulate_grad_batches") or 1)
+    per = int(run.get("batch_size") or 0) * int(run.get("accumulate_grad_batches") or 1) * int(run.get("world_size") or 1)
     if epochs < 1 or per < 1:
         raise ValueError("an epoch-based run record needs 'epochs' and 'batch_size'")
     return np.maximum(1, epochs * np.ceil(n_samples / per)).astype(np.int64)
+
+
+def subset_weights(S: np.ndarray, counts: np.ndarray, weighting: str, draws: Optional[EpochDraws]) -> np.ndarray:
+    """``(m, K)`` weight of one sample of each task in each subset's loss (:func:`subset_sample_weights`),
+    times how often the run drew that task's samples where it drew only part of the data (each row
+    again sums to 1 over the samples; a subset of tasks never drawn gets no weight)."""
+    A = subset_sample_weights(S, counts, weighting)
+    rates = draws.sample_rates(counts) if draws is not None else None
+    if rates is None:
+        return A
+    A = A * rates[None, :]
+    norm = A @ np.asarray(counts, dtype=np.float64)
+    return np.divide(A, norm[:, None], out=np.zeros_like(A), where=norm[:, None] > 0)
 
 
 def _lr_table(run: Mapping, spec: dict, steps: np.ndarray) -> np.ndarray:
@@ -224,7 +248,8 @@ def simulate(
     ``run``: the record of the watched run (:mod:`lightning_ksm.callbacks.run_record` writes it):
     ``optimizer`` (``type``, ``lr``, ``betas``, ``eps``, ``momentum``, ``nesterov``,
     ``weight_decay``), ``lr_schedule`` (per-step learning rates, optional), ``steps``,
-    ``epoch_based``, ``epochs``, ``batch_size``, ``accumulate_grad_batches`` and, for
+    ``epoch_based``, ``epochs``, ``per_epoch`` (the steps and task samples drawn per epoch,
+    :mod:`.epochs`; else ``batch_size``, ``accumulate_grad_batches``, ``world_size``) and, for
     ``calibrate="loss"``, ``final_loss`` (the observed all-tasks target loss). ``weighting``:
     "sample" (default: a run that draws batches from the union of the tasks' data) or "task".
     ``lr_scale`` multiplies every learning rate (after calibration). ``calibrate="effect"`` needs
@@ -255,8 +280,9 @@ def simulate(
         readout = torch.as_tensor(np.asarray(source.readout)[:, :, list(read.values())], device=device, dtype=dtype)
     S_all = np.vstack([S, np.ones((1, S.shape[1]), dtype=bool)])  # + the all-tasks run (calibration)
     n_s = S_all.astype(np.int64) @ src.counts
-    steps = subset_steps(run, n_s)
-    A = subset_sample_weights(S_all, src.counts, weighting)  # (m + 1, K)
+    draws = epoch_draws(run, source.task_names, src.counts)  # what the run drew per epoch, if recorded
+    steps = subset_steps(run, n_s, draws, S_all)
+    A = subset_weights(S_all, src.counts, weighting, draws)  # (m + 1, K)
     tid = torch.as_tensor(src.task_ids, device=device)
     cols = [tgt.names.index(c) for c in read]
     linear_parts = []  # (exact, projected) first-order changes, per batch of subsets
@@ -276,7 +302,7 @@ def simulate(
     scale = float(lr_scale)
     if calibrate == "loss":
         scale *= _calibrated_scale(run, lambda c: _all_tasks_loss(S, src, run, spec, weighting, tgt, c,
-                                                                  adam_as, device, dtype))
+                                                                  adam_as, device, dtype, draws))
     parts_l, parts_a = [], []
     for b0 in range(0, len(S_all), batch_size):
         rows = np.arange(b0, min(len(S_all), b0 + batch_size))
@@ -294,7 +320,8 @@ def simulate(
         converged=np.ones(m, dtype=bool), n_iter=steps[:-1], grad_norms=np.zeros(m), solution_norms=np.zeros(m),
         loss=loss, weighting=weighting, lam=0.0, accuracy=acc,
         extras={"estimator": "simulate", "optimizer": spec, "adam_as": adam_as, "calibrate": calibrate,
-                "lr_scale": scale, "steps": {"min": int(steps.min()), "max": int(steps.max())},
+                "lr_scale": scale, "steps": {"min": int(steps[:-1].min()), "max": int(steps[:-1].max()),
+                                            "all_tasks": int(steps[-1])},
                 "exact_readout": list(read), "effect_scale": effect, "all_tasks_change": changes,
                 "readout_vs_projected": ({c: float(linear_parts[-1][0][i, -1] / linear_parts[-1][1][i, -1])
                                           for i, c in enumerate(read)} if linear_parts else {}),
@@ -341,11 +368,11 @@ def _effect_calibrated(losses: np.ndarray, tgt: _Target, run: Mapping):
     return out, factors, changes
 
 
-def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype) -> float:
+def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype, draws) -> float:
     full = np.ones((1, S.shape[1]), dtype=bool)
-    A = subset_sample_weights(full, src.counts, weighting)
+    A = subset_weights(full, src.counts, weighting, draws)
     W = torch.as_tensor(A, device=device, dtype=dtype)[:, torch.as_tensor(src.task_ids)].T
-    steps = subset_steps(run, full.astype(np.int64) @ src.counts)
+    steps = subset_steps(run, full.astype(np.int64) @ src.counts, draws, full)
     lrs = torch.as_tensor(scale * _lr_table(run, spec, steps), device=device, dtype=dtype)
     Z = _run(src, W, lrs, spec, adam_as)[0].to(torch.float64)
     lo, _, _ = tgt.evaluate(Z, False, None)

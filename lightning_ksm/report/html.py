@@ -125,6 +125,8 @@ _FIT_EXPLAIN = {
     "harvested with the run's second moments).",
     "gradex_calibrate": "The constant taken from the observed all-tasks run (effect: estimated changes from "
     "W0 scaled to the observed all-tasks loss; rankings unchanged).",
+    "gradex_steps": "Optimizer steps simulated: the fewest and most of a subset, and the all-tasks run's (the "
+    "watched run's steps).",
     "gradex_exact_readout": "Target columns whose first-order loss change was read exactly, without the "
     "random projection.",
     "gradex_effect_scale": "Per target column, the factor of the effect calibration (none: not applied).",
