@@ -243,3 +243,71 @@ def test_the_runner_records_the_projection_auto_resolved_to(tmp_path):
     model = nn.Sequential(nn.Embedding(64, 48), nn.Linear(48, 64), nn.Linear(64, 3))
     runner = HarvestRunner(model, str(tmp_path / "store"))
     assert runner.projector.kind == "tensorsketch" and runner.projector.config()["kind"] == "tensorsketch"
+
+
+def test_the_tensor_sketch_of_a_full_gradient_never_forms_a_rows_by_rows_matrix(monkeypatch):
+    """An embedding's gradient as a matrix has a row per token: the sketch of a full gradient (the hook
+    check, the per-sample path) used to sketch ``eye(rows)`` first, 40 GB for GPT-2's 50,257 tokens.
+    Rows now go in blocks; any block size gives the same sketch as the two-sided formula."""
+    from lightning_ksm.harvesting.projection import make_projector
+
+    torch.manual_seed(0)
+    P = make_projector("tensorsketch", {"e": (11, 6)}, 16, seed=1)
+    tokens, delta = torch.randint(0, 11, (3, 4)), torch.randn(3, 4, 6, dtype=torch.float64)
+    grad = torch.zeros(3, 11, 6, dtype=torch.float64).scatter_add_(1, tokens.unsqueeze(-1).expand_as(delta), delta)
+    want = P.embedding_part("e", tokens, delta)
+    for rows_per_block in (1, 4, 11):  # several blocks, a ragged last one, one block
+        monkeypatch.setattr(P, "row_block_elements", rows_per_block * 3 * 16)
+        torch.testing.assert_close(P.project_part("e", grad.reshape(3, -1)), want)
+    # 400,000 rows: eye(rows) alone would be 640 GB
+    big = make_projector("tensorsketch", {"e": (400_000, 2)}, 8, seed=0)
+    g = torch.zeros(1, 400_000, 2)
+    g[0, 123_456] = torch.tensor([1.0, -2.0])
+    out = big.project_part("e", g.reshape(1, -1))
+    assert out.shape == (1, 8) and torch.isfinite(out).all() and float(out.norm()) > 0
+
+
+def test_gpt2_with_the_real_vocabulary_and_a_near_zero_gradient_harvests_through_the_hooks(tmp_path):
+    """GPT2ForSequenceClassification from a config with the real 50,257-token vocabulary: the harvest
+    died at its first batch (the sum check sketched eye(50,257)), and with any vocabulary the sum check
+    refused the final LayerNorm's bias, whose summed gradient is ~1e-8 of the chunk's (float32 rounding,
+    not a hook it cannot see), then fell back to vmap, which transformers' pad-token check breaks."""
+    transformers = pytest.importorskip("transformers")
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ksm import TaskAttribution
+
+    torch.manual_seed(0)
+    vocab = 50_257
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab, n_positions=8, num_labels=2,
+                                  pad_token_id=0)
+
+    class Clf(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = transformers.GPT2ForSequenceClassification(cfg)
+
+        def forward(self, x):
+            return self.net(input_ids=x).logits
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, _):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(1, vocab, (32, 8), generator=g), torch.randint(0, 2, (32,), generator=g)
+    cb = TaskAttribution(n_subsets=10, progress=False, raise_on_analysis_error=True, dirpath=str(tmp_path / "ksm"))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Clf(), DataLoader(TensorDataset(x, y, torch.arange(32) % 4), batch_size=16),
+                    DataLoader(TensorDataset(x[:8], y[:8], torch.zeros(8, dtype=torch.long)), batch_size=8))
+    assert cb.report.config["harvest"]["projector"]["kind"] == "tensorsketch"
+    assert len(cb.report.ranked("all")) == 4

@@ -37,6 +37,7 @@ class TensorSketchProjector(Projector):
 
     kind = "tensorsketch"
     structured = True
+    row_block_elements = 1 << 22  # project_part's working set: rows per block x samples x k
 
     def __init__(self, param_shapes, k, seed=0, *, s: int = BANDS, block_size=None, cache_bytes=DEFAULT_CACHE_BYTES):
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
@@ -121,13 +122,29 @@ class TensorSketchProjector(Projector):
     def project_part(self, name: str, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.sides[name]
         G = x.reshape(x.shape[0], rows, cols)
-        if self._factors:
-            r, c = self._factors[name]
-            G = G * c.to(G)[None, None, :] if r is None else G * torch.outer(r, c).to(G)[None]
-        R = torch.fft.rfft(self._count(G, name, "cols"), dim=-1)  # (N, rows, s, F)
-        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
-        phase = torch.fft.rfft(self._count(eye, name, "rows"), dim=-1)  # (rows, s, F): each row's shift
-        return self._bands(torch.einsum("nrsf,rsf->nsf", R, phase))
+        n, spectrum = G.shape[0], None
+        # Rows in blocks: each block's column sketches are (N, block, s, F), so memory stays
+        # O(N x block x k) for any number of rows (an embedding's vocabulary: 50,257 rows).
+        block = max(1, min(rows, self.row_block_elements // max(1, n * self.k)))
+        for start in range(0, rows, block):
+            part = G[:, start:start + block]
+            if self._factors:
+                r, c = self._factors[name]
+                part = part * (c.to(part) if r is None else torch.outer(r[start:start + block], c).to(part))
+            R = torch.fft.rfft(self._count(part, name, "cols"), dim=-1)  # (N, block, s, F)
+            term = torch.einsum("nrsf,rsf->nsf", R, self._row_phases(name, rows, start, part.shape[1], part))
+            spectrum = term if spectrum is None else spectrum + term
+        return self._bands(spectrum)
+
+    def _row_phases(self, name: str, rows: int, start: int, size: int, like: torch.Tensor) -> torch.Tensor:
+        """The spectra of rows ``start:start+size``'s signed one-hot count sketches, ``(size, s, F)``:
+        row i shifts by its bucket ``h_r(i)`` with sign ``s_r(i)`` (from the hash, not from an
+        identity matrix's sketch, which costs ``rows^2``)."""
+        b, sg = self._hash(name, "rows", rows, like.device)
+        b, sg = b[:, start:start + size].T, sg[:, start:start + size].T.to(like.dtype)  # (size, s)
+        f = torch.arange(self.w // 2 + 1, device=like.device, dtype=like.dtype)
+        angle = -2 * math.pi * b.to(like.dtype).unsqueeze(-1) * f / self.w
+        return torch.polar(torch.ones_like(angle), angle) * sg.unsqueeze(-1)
 
     def outer_part(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """The share of ``sum_l left_l right_l^T`` (left: ``(N, L, rows)``, right: ``(N, L, cols)``)."""
