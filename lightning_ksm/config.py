@@ -217,7 +217,9 @@ class HarvestConfig(_Settings):
         2, "independent projections of size proj_dim harvested side by side; GradEx estimates with "
         "each and averages (measured: the projection's noise is what limits the estimate; "
         "docs/gradex.md); memory and harvest cost grow with proj_dim x proj_draws", int_at_least(1))
-    proj_seed: int = setting(0, "seed of the random projection", int_at_least(0))
+    proj_seed: int = setting(0, "seed of the random projection; with proj_draws > 1 the first draw takes it "
+                             "and the others seeds derived from it by a stable hash (no two proj_seed values "
+                             "share a draw)", int_at_least(0))
     grad_engine: str = setting(
         "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/tensorsketch: hooks "
         "(layer hooks and one batched backward pass for Linear, Embedding, LayerNorm, BatchNorm, GPT-2 "

@@ -248,9 +248,16 @@ def test_projection_draws_are_independent_projectors_and_their_estimates_are_ave
     shapes = {n: p.shape for n, p in model.named_parameters()}
     both = make_projector("sjlt", shapes, 16, 3, draws=2)
     g = {n: torch.randn(4, *s, dtype=torch.float64) for n, s in shapes.items()}
-    for i in range(2):  # block i is exactly the projector of seed 3 + i
-        torch.testing.assert_close(both.project(g)[:, 16 * i:16 * (i + 1)], make_projector("sjlt", shapes, 16, 3 + i).project(g))
+    assert both.seeds[0] == 3 and both.config()["draw_seeds"] == both.seeds
+    for i in range(2):  # block i is exactly the projector of the i-th draw seed
+        torch.testing.assert_close(both.project(g)[:, 16 * i:16 * (i + 1)],
+                                   make_projector("sjlt", shapes, 16, both.seeds[i]).project(g))
     assert projector_from_config(both.config()) == both and both.k == 32
+    # independent draws: proj_seed=4 shares no draw with proj_seed=3 (seeds 3, 4 and 4, 5 did)
+    assert not set(make_projector("sjlt", shapes, 16, 4, draws=2).seeds) & set(both.seeds)
+    # an older store's config (no draw_seeds) rebuilds the consecutive seeds it was harvested with
+    legacy = {k: v for k, v in both.config().items() if k != "draw_seeds"}
+    assert projector_from_config(legacy).seeds == [3, 4]
     src_loader, tgt_loader = _loaders(data, target)
     runner = HarvestRunner(model, tmp_path / "h", config={"proj_dim": 16, "proj_draws": 2})
     runner.initialize_store()

@@ -7,21 +7,31 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .projection import Projector, make_projector
+from .projection import Projector, make_projector, stable_seed
 
-__all__ = ["DrawsProjector"]
+__all__ = ["DrawsProjector", "draw_seeds"]
+
+
+def draw_seeds(seed: int, draws: int) -> list[int]:
+    """The seed of each draw: ``seed`` itself, then seeds derived from ``(seed, i)`` by a stable hash.
+    Consecutive seeds (``seed + i``, before) made ``proj_seed=1`` share a draw with ``proj_seed=0``."""
+    return [int(seed)] + [stable_seed("proj_draw", int(seed), i) % (1 << 31) for i in range(1, draws)]
 
 
 class DrawsProjector(Projector):
-    """``draws`` independent projections of size ``k`` (seeds ``seed, seed + 1, ...``), side by side:
-    the output has ``draws x k`` columns, block ``i`` being exactly the projector of seed ``seed + i``.
+    """``draws`` independent projections of size ``k`` (seeds :func:`draw_seeds`, recorded in the config;
+    a config without them is an older store's, whose draws had seeds ``seed, seed + 1, ...``), side by
+    side: the output has ``draws x k`` columns, block ``i`` being exactly the projector of seed ``seeds[i]``.
     GradEx estimates with each block and averages the estimates (docs/gradex.md: averaging over
     independent draws is what measured to remove most of the projection's noise)."""
 
-    def __init__(self, kind: str, param_shapes, k: int, seed: int = 0, *, draws: int = 2, **opts):
+    def __init__(self, kind: str, param_shapes, k: int, seed: int = 0, *, draws: int = 2, seeds=None, **opts):
         if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2:
             raise ValueError(f"draws must be an int >= 2, got {draws!r}")
-        self.parts = [make_projector(kind, param_shapes, k, seed + i, **opts) for i in range(draws)]
+        self.seeds = [int(x) for x in seeds] if seeds is not None else draw_seeds(seed, draws)
+        if len(self.seeds) != draws:
+            raise ValueError(f"{draws} draws need {draws} seeds, got {self.seeds!r}")
+        self.parts = [make_projector(kind, param_shapes, k, s, **opts) for s in self.seeds]
         first = self.parts[0]
         super().__init__(param_shapes, k * draws, seed, block_size=first.block_size, cache_bytes=first.cache_bytes)
         self.kind, self.draws, self.k_draw = first.kind, draws, k
@@ -29,7 +39,8 @@ class DrawsProjector(Projector):
 
     def config(self) -> dict:
         cfg = dict(self.parts[0].config())
-        cfg.update({"k": self.k, "k_draw": self.k_draw, "draws": self.draws, "seed": self.seed})
+        cfg.update({"k": self.k, "k_draw": self.k_draw, "draws": self.draws, "seed": self.seed,
+                    "draw_seeds": list(self.seeds)})
         return cfg
 
     def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:

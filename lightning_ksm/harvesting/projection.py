@@ -430,8 +430,10 @@ def projector_from_config(config: Mapping, **runtime_opts) -> Projector:
         opts.setdefault("block_size", config.get("block_size"))
     if config["kind"] in ("sjlt", "tensorsketch"):
         opts["s"] = config.get("s", 4)
-    if config.get("draws", 1) > 1:
-        return make_projector(config["kind"], shapes, config["k_draw"], config["seed"], draws=config["draws"], **opts)
+    if config.get("draws", 1) > 1:  # a config without draw_seeds is an older store's: consecutive seeds
+        seeds = config.get("draw_seeds") or [config["seed"] + i for i in range(config["draws"])]
+        return make_projector(config["kind"], shapes, config["k_draw"], config["seed"], draws=config["draws"],
+                              seeds=seeds, **opts)
     return make_projector(config["kind"], shapes, config["k"], config["seed"], **opts)
 
 
