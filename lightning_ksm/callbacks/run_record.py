@@ -24,6 +24,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .ranks import gather, on_all_ranks
+
 __all__ = ["RunRecorder", "optimizer_record", "final_target_losses", "weight_displacement", "record_run_end"]
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "maximize")
@@ -101,18 +103,20 @@ def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: s
 
 @torch.no_grad()
 def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode: str = "margin",
-                        device=None) -> dict:
+                        device=None, world: Optional[int] = None) -> dict:
     """Mean loss of ``module`` on the target loaders, per target task id and ``"all"`` (the loss
-    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy)."""
+    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy), added
+    over the DDP ranks (``world``: the trainer's world size; None: the process group's)."""
     from ..harvesting.batches import to_device
 
     was_training = module.training
     module.eval()
     device = device or next(module.parameters()).device
-    sums: dict = {}
-    counts: dict = {}
-    total, n_total = 0.0, 0
-    try:
+
+    def local_sums():  # this rank's share
+        sums: dict = {}
+        counts: dict = {}
+        total, n_total = 0.0, 0
         for loader in loaders:
             for batch in loader:
                 inputs, labels, tasks = reader.read(batch)
@@ -126,20 +130,19 @@ def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode
                     counts[key] = counts.get(key, 0) + 1
                 total += float(losses.sum())
                 n_total += len(losses)
+        sums["all"], counts["all"] = total, n_total
+        return sums, counts
+
+    try:  # every rank enters the collectives, even when one of them failed
+        sums, counts = on_all_ranks(local_sums, what="the final target losses", world=world)
     finally:
         module.train(was_training)
-    sums["all"], counts["all"] = total, n_total
-    return _means(*_across_ranks(sums, counts))
+    return _means(*_across_ranks(sums, counts, world))
 
 
-def _across_ranks(sums: dict, counts: dict):
+def _across_ranks(sums: dict, counts: dict, world: Optional[int] = None):
     """Sums and counts added over the DDP ranks (each may have read its own share of the data)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums, counts
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (sums, counts))
+    parts = gather((sums, counts), world)
     total_s: dict = {}
     total_c: dict = {}
     for s, c in parts:
@@ -223,7 +226,7 @@ def record_run_end(callback, trainer, pl_module) -> Optional[dict]:
         disp = weight_displacement(pl_module, callback._w0, callback._param_names) if callback._w0 else None
         targets = [dl for split, dl in callback._plan(trainer) if split == "target"]
         losses = final_target_losses(pl_module, targets, callback.reader, forward_fn=callback.forward_fn,
-                                     output_mode=callback.harvest.output_name)
+                                     output_mode=callback.harvest.output_name, world=trainer.world_size)
         recorder.finish(trainer, displacement=disp, final_losses=losses)
     except Exception as exc:  # noqa: BLE001 - the record is optional; the analysis still runs
         recorder.finish(trainer)
