@@ -33,11 +33,11 @@ from ..harvesting.batches import BatchReader
 from ..harvesting.params import select_parameters
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
-from .harvest_step import run_harvest, warn_unfinished
 from .inputs import callback_warnings, check_data, named_plan
 from .snapshot import MissingSnapshotError, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 from .run_record import RunRecorder, record_run_end
 from .ranks import check_same_data, on_all_ranks
+from .harvest_step import run_harvest, warn_unfinished
 
 __all__ = ["TaskAttributionMixin"]
 
