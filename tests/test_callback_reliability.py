@@ -236,6 +236,7 @@ class _FakeStrategy:
 
 class _FakeTrainer:
     is_global_zero = True
+    world_size = 1
     strategy = _FakeStrategy()
 
 
@@ -282,3 +283,55 @@ def test_resume_from_the_last_step_checkpoint_of_the_last_epoch_completes_the_ha
                     str(tmp_path / "ckpt" / "last.ckpt"), max_epochs=1)
     assert again.shards_computed > 0 and again.report is not None
     assert FeatureStore(again.harvest_dir).completeness()["complete"] is True
+
+
+def _disk_full_after(n_shards):
+    """The store's free-space check, with a disk that is full (1 kB free) once ``n_shards`` shards are written."""
+    import shutil
+    from collections import namedtuple
+    from unittest import mock
+
+    from lightning_ksm.store import feature_store
+
+    real, written, usage = feature_store.ensure_free_space, [], namedtuple("usage", "total used free")
+
+    def check(directory, nbytes, **kw):
+        written.append(directory)
+        with mock.patch.object(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000)):
+            real(directory, nbytes, **kw) if len(written) > n_shards else None
+        real(directory, nbytes, **kw)
+
+    return check
+
+
+def test_a_full_disk_during_the_harvest_keeps_training_and_says_how_to_finish(tmp_path, monkeypatch):
+    """A harvest that cannot write its shards must not end the user's training: training runs to the
+    end, no report is written, the stored shards are kept, and the message says how to finish; doing
+    what it says (free space, resume from the last checkpoint) gives the report."""
+    from lightning_ksm.fileio import InsufficientSpaceError
+    from lightning_ksm.store import feature_store
+
+    monkeypatch.setattr(feature_store, "ensure_free_space", _disk_full_after(2))
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    L.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, [cb])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyNet(), *loaders(*make_data()))  # before the fix: InsufficientSpaceError after 8 steps
+    texts = [str(w.message) for w in caught]
+    assert trainer.current_epoch == 2 and trainer.global_step == 16  # every epoch of training ran
+    assert isinstance(cb.harvest_error, InsufficientSpaceError) and not cb.harvest_complete
+    assert cb.report is None and not os.path.exists(cb.report_dir)
+    during = [t for t in texts if "the harvest at W0 failed" in t]
+    assert len(during) == 1 and "not enough free space" in during[0] and "Training goes on" in during[0]
+    assert "2 of 8 source shards" in during[0]
+    end = [t for t in texts if "no report was written" in t]
+    last = trainer.checkpoint_callback.best_model_path
+    assert len(end) == 1 and "free some space" in end[0] and f"ckpt_path={last!r}" in end[0]
+    assert FeatureStore(cb.harvest_dir).shard_keys("source") == ["l0-c0", "l0-c1"]  # kept
+
+    monkeypatch.undo()  # space freed: resume as the message says
+    again = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    _trainer(tmp_path, [again]).fit(TinyNet(), *loaders(*make_data()), ckpt_path=last)
+    assert again.harvest_complete and again.report is not None and os.path.isdir(again.report_dir)
+    assert again.shards_computed == 6 + 3  # only the missing source shards, and the target's

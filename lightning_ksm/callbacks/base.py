@@ -16,6 +16,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from ..fileio import WriteFailedError, atomic_torch_save, ensure_free_space, remove_temp_files
 from ..rundir import RunDirectory
 from .loggers import log_report
+from .ranks import on_all_ranks
 
 __all__ = ["AttributionCallbackBase", "STATE_VERSION"]
 
@@ -146,8 +147,10 @@ class AttributionCallbackBase:
         from .snapshot import file_sha256
 
         self.w0_path = os.path.abspath(self.run_dir.w0)
-        digest = None
-        if trainer.is_global_zero:
+
+        def write():
+            if not trainer.is_global_zero:
+                return None
             os.makedirs(self.output_dir, exist_ok=True)
             remove_temp_files(self.w0_path)
             values = state.values() if isinstance(state, dict) else ()
@@ -160,30 +163,34 @@ class AttributionCallbackBase:
                     raise
                 raise WriteFailedError(exc.errno, f"{self._name}: the W0 snapshot could not be written to "
                                                   f"{self.w0_path} ({exc}); no partial file was left") from exc
-            digest = file_sha256(self.w0_path)
+            return file_sha256(self.w0_path)
+
+        digest = on_all_ranks(write, what="writing the W0 snapshot", world=trainer.world_size)  # every rank waits
         self.w0_sha256 = trainer.strategy.broadcast(digest)
-        trainer.strategy.barrier("ksm_snapshot")
 
     # -- the end of fit ---------------------------------------------------------------------------
     def _finish(self, trainer, compute: Callable[[], Any], *, rerun_hint: str, figures: bool | str = "auto") -> None:
         """On rank 0: ``compute()`` the report, save it, log it; a failure warns (or raises with
-        ``raise_on_analysis_error``) and keeps everything already on disk. All ranks wait."""
-        if trainer.is_global_zero:
-            try:
-                report = compute()
-                report.save(self.report_dir, figures=figures)
-            except Exception as exc:  # keep the harvest and the trained model; say how to rerun
-                self.analysis_error = exc
-                message = (
-                    f"{self._name}: the post-training analysis failed ({type(exc).__name__}: {exc}). "
-                    f"{rerun_hint} The trained model is unaffected. Traceback:\n{traceback.format_exc()}"
-                )
-                if self.raise_on_analysis_error:
-                    raise RuntimeError(message) from exc
-                rank_zero_warn(message)
-            else:
-                self.report = report
-                log_report(trainer, report, self.report_dir)
-                print(f"{self._name}: report written to {self.report_dir} (open report.html, or run "
-                      f"`lightning-ksm show {self.output_dir}`)", flush=True)
-        trainer.strategy.barrier("ksm_analysis")
+        ``raise_on_analysis_error``, on every rank) and keeps everything already on disk. All ranks wait."""
+        on_all_ranks(lambda: self._report(trainer, compute, rerun_hint, figures) if trainer.is_global_zero else None,
+                     what=f"{self._name}'s analysis", world=trainer.world_size)
+
+    def _report(self, trainer, compute: Callable[[], Any], rerun_hint: str, figures) -> None:
+        """Rank 0's part of :meth:`_finish`."""
+        try:
+            report = compute()
+            report.save(self.report_dir, figures=figures)
+        except Exception as exc:  # keep the harvest and the trained model; say how to rerun
+            self.analysis_error = exc
+            message = (
+                f"{self._name}: the post-training analysis failed ({type(exc).__name__}: {exc}). "
+                f"{rerun_hint} The trained model is unaffected. Traceback:\n{traceback.format_exc()}"
+            )
+            if self.raise_on_analysis_error:
+                raise RuntimeError(message) from exc
+            rank_zero_warn(message)
+        else:
+            self.report = report
+            log_report(trainer, report, self.report_dir)
+            print(f"{self._name}: report written to {self.report_dir} (open report.html, or run "
+                  f"`lightning-ksm show {self.output_dir}`)", flush=True)

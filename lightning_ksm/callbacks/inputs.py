@@ -71,8 +71,9 @@ def named_plan(cb, trainer) -> list:
     return with_group_readers(entries, cb.reader)
 
 
-def check_data(cb, plan: list, n_classes) -> list:
-    """Every sample of ``plan`` read once (no model): ids, labels, inputs; returns the source task ids."""
+def check_data(cb, plan: list, n_classes) -> dict:
+    """Every sample of ``plan`` read once (no model): ids, labels, inputs; returns the scan
+    (:func:`~lightning_ksm.harvesting.scan.scan_data`: the source task ids, each loader's fingerprint)."""
     scan = scan_data(plan)
     tasks = scan["source_tasks"]
     if cb.task_names is not None:
@@ -89,7 +90,7 @@ def check_data(cb, plan: list, n_classes) -> list:
             "(check task_key, or that every task is in the training data)"
         )
     check_label_range(scan, cb.harvest.output_name, n_classes)
-    return tasks
+    return scan
 
 
 @contextlib.contextmanager

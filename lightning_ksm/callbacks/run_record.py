@@ -38,6 +38,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ..task_ids import normalize_task_id
+from .ranks import gather, on_all_ranks
 
 __all__ = ["RunRecorder", "optimizer_record", "final_target_losses", "weight_displacement", "nonfinite_parameters",
            "record_run_end"]
@@ -153,18 +154,20 @@ def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: s
 
 @torch.no_grad()
 def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode: str = "margin",
-                        device=None) -> dict:
+                        device=None, world: Optional[int] = None) -> dict:
     """Mean loss of ``module`` on the target loaders, per target task id and ``"all"`` (the loss
-    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy)."""
+    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy), added
+    over the DDP ranks (``world``: the trainer's world size; None: the process group's)."""
     from ..harvesting.batches import to_device
 
     was_training = module.training
     module.eval()
     device = device or next(module.parameters()).device
-    sums: dict = {}
-    counts: dict = {}
-    total, n_total = 0.0, 0
-    try:
+
+    def local_sums():  # this rank's share
+        sums: dict = {}
+        counts: dict = {}
+        total, n_total = 0.0, 0
         for loader in loaders:
             for batch in loader:
                 inputs, labels, tasks = reader.read(batch)
@@ -178,20 +181,19 @@ def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode
                     counts[key] = counts.get(key, 0) + 1
                 total += float(losses.sum())
                 n_total += len(losses)
+        sums["all"], counts["all"] = total, n_total
+        return sums, counts
+
+    try:  # every rank enters the collectives, even when one of them failed
+        sums, counts = on_all_ranks(local_sums, what="the final target losses", world=world)
     finally:
         module.train(was_training)
-    sums["all"], counts["all"] = total, n_total
-    return _means(*_across_ranks(sums, counts))
+    return _means(*_across_ranks(sums, counts, world))
 
 
-def _across_ranks(sums: dict, counts: dict):
+def _across_ranks(sums: dict, counts: dict, world: Optional[int] = None):
     """Sums and counts added over the DDP ranks (each may have read its own share of the data)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums, counts
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (sums, counts))
+    parts = gather((sums, counts), world)
     total_s: dict = {}
     total_c: dict = {}
     for s, c in parts:
@@ -203,17 +205,6 @@ def _across_ranks(sums: dict, counts: dict):
 
 def _means(sums: dict, counts: dict) -> dict:
     return {key: sums[key] / max(counts[key], 1) for key in sums}
-
-
-def _all_ranks(value) -> list:
-    """``value`` of every DDP rank (``[value]`` without DDP)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return parts
 
 
 def _runs(values: list) -> list:
@@ -313,7 +304,7 @@ class RunRecorder:
         if not self._complete:
             return None
         self._count_pending()
-        ranks = _all_ranks({e: v["drawn"] for e, v in self._epochs.items()} if self._draws else None)
+        ranks = gather({e: v["drawn"] for e, v in self._epochs.items()} if self._draws else None)
         out = []
         for e in sorted(self._epochs):
             drawn = None
@@ -391,7 +382,7 @@ def record_run_end(callback, trainer, pl_module) -> Optional[dict]:
         disp = weight_displacement(pl_module, callback._w0, callback._param_names) if callback._w0 else None
         targets = [dl for split, dl in callback._plan(trainer) if split == "target"]
         losses = final_target_losses(pl_module, targets, callback.reader, forward_fn=callback.forward_fn,
-                                     output_mode=callback.harvest.output_name)
+                                     output_mode=callback.harvest.output_name, world=trainer.world_size)
         recorder.finish(trainer, displacement=disp, final_losses=losses,
                         nonfinite_params=nonfinite_parameters(pl_module, callback._param_names))
     except Exception as exc:  # noqa: BLE001 - the record is optional; the analysis still runs

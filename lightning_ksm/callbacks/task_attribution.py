@@ -10,7 +10,8 @@ Lifecycle during ``trainer.fit``:
 4. first real validation epoch after the snapshot (never the sanity check), or at the end of fit:
    the :class:`~lightning_ksm.harvesting.runner.HarvestRunner` harvests per-sample outputs and
    projected Jacobians at W0 into the feature store, sharded across DDP ranks. The model, its
-   optimizer, RNG states and logged metrics are untouched (W0 is evaluated functionally).
+   optimizer, RNG states and logged metrics are untouched (W0 is evaluated functionally). A harvest
+   that cannot write its files warns and training goes on (:mod:`.harvest_step`).
 5. ``on_fit_end``: rank 0 runs the analysis (:func:`lightning_ksm.analysis.analyze_store`), writes
    the report and logs its scores to every logger. If the analysis fails, the harvest and the model
    are kept and the warning says how to rerun it (``lightning-ksm analyze DIR``).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -31,12 +31,13 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from ..config import AnalysisConfig, HarvestConfig
 from ..harvesting.batches import BatchReader
 from ..harvesting.params import select_parameters
-from ..harvesting.readout import adam_preconditioner
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
 from .inputs import callback_warnings, check_data, enabled, named_plan
 from .snapshot import MissingSnapshotError, check_finite_w0, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 from .run_record import RunRecorder, record_run_end
+from .ranks import check_same_data, on_all_ranks
+from .harvest_step import run_harvest, warn_unfinished
 
 __all__ = ["TaskAttributionMixin"]
 
@@ -88,7 +89,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
             report are deleted first. Resuming from a checkpoint reuses the harvest on purpose.
 
     After ``fit``, ``callback.report`` holds the :class:`AttributionReport` (rank 0) and
-    ``callback.report_dir`` its directory.
+    ``callback.report_dir`` its directory; ``callback.harvest_error`` the error of a harvest that
+    could not write its files (training went on; no report, see ``docs/callback.md``).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         self.forward_fn = forward_fn
         self.progress, self.overwrite = progress, overwrite
         self.harvest_complete = False
+        self.harvest_error: Optional[BaseException] = None  # a failed read/write: retried once at fit end
         self.shards_computed = 0  # shards harvested by this process (resume tests read it)
         self._w0: Optional[dict] = None
         self._param_names: Optional[list] = None
@@ -199,7 +202,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         if not self._resumed:
             self._guard_stale_output(trainer)
         if self._resumed and (self.w0_path is not None or self._snapshot_epoch in (0, None)):
-            self._reload_w0()  # found by its identity, never re-taken from trained weights
+            self._reload_w0(trainer)  # found by its identity, never re-taken from trained weights
         elif self._snapshot_epoch is None:
             self._take_snapshot(trainer, pl_module, checkpoint_weights(self.snapshot, pl_module, self._param_names))
         elif self._snapshot_epoch == 0:
@@ -222,24 +225,27 @@ class TaskAttributionMixin(AttributionCallbackBase):
         # during validation; trainer.validate() runs are not fit).
         if not self._enabled(trainer) or trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
             return
-        if self._w0 is not None and not self.harvest_complete:
-            self._run_harvest(trainer, pl_module)
+        if self._w0 is not None and not self.harvest_complete and self.harvest_error is None:
+            run_harvest(self, trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self._enabled(trainer):
             return
         if not self.harvest_complete and self._w0 is None and self._resumed and self.w0_path is not None:
-            self._reload_w0()  # resumed after the last epoch: on_train_start did not run
+            self._reload_w0(trainer)  # resumed after the last epoch: on_train_start did not run
         if not self.harvest_complete and self._w0 is None:
             rank_zero_warn(f"TaskAttribution: no W0 snapshot was taken (snapshot={self.snapshot!r} never came); "
                            "nothing to analyse")
             return
-        if not self.harvest_complete:
-            self._run_harvest(trainer, pl_module)
+        if not self.harvest_complete:  # not run yet, or its files failed (space may have been freed since)
+            run_harvest(self, trainer, pl_module, last_try=True)
         try:  # the run record is optional: it never costs the analysis
             record_run_end(self, trainer, pl_module)
         except Exception as exc:  # noqa: BLE001
             rank_zero_warn(f"TaskAttribution: could not record the run ({type(exc).__name__}: {exc})")
+        if not self.harvest_complete:  # no report from an incomplete harvest: say how to finish it
+            warn_unfinished(self, trainer)
+            return
         from ..analysis import analyze_store
 
         self._finish(
@@ -262,7 +268,9 @@ class TaskAttributionMixin(AttributionCallbackBase):
         Rank 0 decides and broadcasts, and every rank waits here, so no rank can see the snapshot
         this run is about to write as a stale one.
         """
-        stale = self.run_dir.earlier_run() if trainer.is_global_zero else None
+        world = trainer.world_size
+        stale = on_all_ranks(lambda: self.run_dir.earlier_run() if trainer.is_global_zero else None,
+                             what="looking for an earlier run", world=world)
         stale = trainer.strategy.broadcast(stale)
         if stale and not self.overwrite:
             raise ValueError(
@@ -273,8 +281,8 @@ class TaskAttributionMixin(AttributionCallbackBase):
             )
         if stale and trainer.is_global_zero:
             rank_zero_warn(f"TaskAttribution: overwrite=True, deleting the earlier harvest in {self.output_dir}")
-            self.run_dir.clear()
-        trainer.strategy.barrier("ksm_guard")
+        on_all_ranks(lambda: self.run_dir.clear() if stale and trainer.is_global_zero else None,
+                     what="deleting the earlier run", world=world)
 
     # -- snapshot -------------------------------------------------------------------------------
     def _take_snapshot(self, trainer, pl_module, state: Optional[dict] = None) -> None:
@@ -286,14 +294,15 @@ class TaskAttributionMixin(AttributionCallbackBase):
         self._w0 = state
         self._save_w0(trainer, state)
 
-    def _reload_w0(self) -> None:
+    def _reload_w0(self, trainer) -> None:
         if self.w0_path is None:
             raise MissingSnapshotError("TaskAttribution: the checkpoint's callback state records no W0 snapshot; "
                                        "it was not taken by this callback. Start a new run")
         here = [self.w0_path, self.run_dir.w0 if self.output_dir else None,
                 os.path.join(os.path.abspath(self.dirpath), "w0.pt") if self.dirpath is not None else None]
-        self.w0_path = os.path.abspath(find_w0(here, self.w0_sha256))
-        self._w0 = weights_from_file(self.w0_path)
+        self.w0_path = on_all_ranks(lambda: os.path.abspath(find_w0(here, self.w0_sha256)), what="finding W0",
+                                    world=trainer.world_size)  # on every rank: one may not see the file
+        self._w0 = on_all_ranks(lambda: weights_from_file(self.w0_path), what="reading W0", world=trainer.world_size)
 
     # -- data -----------------------------------------------------------------------------------
     def _plan(self, trainer) -> list:
@@ -317,32 +326,20 @@ class TaskAttributionMixin(AttributionCallbackBase):
         )
 
     def _check_first_batches(self, trainer, pl_module) -> None:
-        """Before the first step: the first batches through the model (probe), then every sample."""
-        plan = self._harvest_plan(trainer)
-        n_classes = self._runner(trainer, pl_module).probe(plan)
-        tasks = check_data(self, plan, n_classes)
-        self.analysis.validate(len(set(tasks)))  # settings bounded by K, before the first step
+        """Before the first step, on every rank: the first batches through the model (probe), then every
+        sample; then the ranks compare their batch counts and what they read (:mod:`.ranks`)."""
+        def check():
+            plan = self._harvest_plan(trainer)
+            scan = check_data(self, plan, self._runner(trainer, pl_module).probe(plan))
+            self.analysis.validate(len(set(scan["source_tasks"])))  # settings bounded by K, before the first step
+            return scan["fingerprints"]
+
+        check_same_data(trainer, on_all_ranks(check, what="the check at train start", world=trainer.world_size))
 
     def _analyze(self, analyze_store, trainer):
         with callback_warnings():
             return analyze_store(self.harvest_dir, self.analysis, progress=self._show_progress(trainer),
                                  timings=self.timings, extra_config=self._config_record())
-
-    # -- harvest --------------------------------------------------------------------------------
-    def _run_harvest(self, trainer, pl_module) -> None:
-        start = time.perf_counter()
-        # the watched optimizer's second moments as they are now (after the first epoch, usually)
-        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
-        scale = adam_preconditioner(optimizer, dict(pl_module.named_parameters()))
-        runner = self._runner(trainer, pl_module, weights=self._w0, preconditioner=scale)
-        if trainer.is_global_zero:
-            runner.initialize_store()
-        trainer.strategy.barrier("ksm_store_init")
-        runner.run(self._harvest_plan(trainer))
-        self.shards_computed += runner.shards_computed
-        trainer.strategy.barrier("ksm_harvest")
-        self.harvest_complete = True
-        self.timings["harvest"] = time.perf_counter() - start
 
     def _config_record(self) -> dict:
         return {"callback": {"snapshot": self.snapshot, **self.harvest.record()},

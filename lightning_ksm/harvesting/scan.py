@@ -7,6 +7,7 @@ loader (:class:`GroupReader`)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Sequence
 
@@ -77,7 +78,9 @@ def _non_finite(obj) -> int | None:
 
 
 def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
-    """Read every sample of the plan ``[(split, loader, description, reader)]`` once.
+    """Read every sample of the plan ``[(split, loader, description, reader)]`` once. The result's
+    ``fingerprints`` give each loader's ``(samples, digest of its labels and task ids)``: what DDP
+    ranks compare to find out that they read different data.
 
     Raises ``ValueError`` naming the loader and the dataset index for: an unreadable batch, a task
     id that is not an int or a string, an empty-string id, ids that differ only in type (``1`` and
@@ -85,9 +88,10 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
     {"min", "max", "integral", "at_min", "at_max"}}}`` for :func:`check_label_range`.
     """
     seen: dict = {}  # str(id) -> (id, description, dataset index)
-    source, labels = set(), {}
+    source, labels, fingerprints = set(), {}, {}
     for loader_no, (split, loader, description, reader) in enumerate(entries):
         stats = {"min": math.inf, "max": -math.inf, "integral": True, "at_min": None, "at_max": None}
+        digest, samples = hashlib.blake2b(digest_size=8), 0
         for key, index, batch in loader_chunks(loader, reader, loader_no=loader_no, batch_size=batch_size):
             where = lambda i: f"{description}, dataset index {int(index[i])}"  # noqa: E731
             try:
@@ -111,6 +115,10 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
                                      "type; use one type for task ids (all ints or all strings)")
                 if split == "source":
                     source.add(tid)
+            samples += len(index)
+            digest.update(repr(tolist(tasks)).encode())  # not the inputs: augmentation may differ per rank
+            if isinstance(y, torch.Tensor):
+                digest.update(y.detach().cpu().double().numpy().tobytes())
             bad = _non_finite(inputs)
             if bad is not None:
                 raise ValueError(f"{where(bad)}: the input holds NaN or inf")
@@ -127,7 +135,9 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
                     stats["max"], stats["at_max"] = float(hi[i_hi]), where(i_hi)
                 stats["integral"] &= bool((flat == flat.round()).all())
         labels[description] = stats
-    return {"source_tasks": sorted(source, key=lambda v: (isinstance(v, str), v)), "labels": labels}
+        fingerprints[description] = (samples, digest.hexdigest())
+    return {"source_tasks": sorted(source, key=lambda v: (isinstance(v, str), v)), "labels": labels,
+            "fingerprints": fingerprints}
 
 
 def check_label_range(scan: dict, mode, n_classes: int | None) -> None:
