@@ -5,7 +5,7 @@ batch, and a LightningModule whose training loss is the mean over the answer tok
 
 Tokens: 0 padding, 1 separator, 2..15 symbols. Every source task maps a prompt of 2-5 symbols to the
 answer ``(first + second + j) mod 14`` for j < ``ANSWER`` (the rule the target needs);
-task ``"noise"`` answers at random (the planted harmful task).
+task ``"noise"`` answers random tokens (the planted harmful task).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def samples(task, n: int, seed: int, noise: bool = False, answer: int = ANSWER) 
     out = []
     for _ in range(n):
         prompt = torch.randint(2, VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
-        value = int(torch.randint(0, 14, (1,), generator=g)) if noise else int(prompt[0] + prompt[1]) % 14
-        ids = torch.cat([prompt, torch.tensor([SEP]), (value + torch.arange(answer)) % 14 + 2])
+        value = int(prompt[0] + prompt[1]) + torch.arange(answer)
+        if noise:
+            value = torch.randint(0, 14, (answer,), generator=g)
+        ids = torch.cat([prompt, torch.tensor([SEP]), value % 14 + 2])
         labels = ids.clone()
         labels[: len(prompt) + 1] = -100  # no loss on the prompt and the separator
         out.append({"input_ids": ids, "labels": labels, "task": task})
