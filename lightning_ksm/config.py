@@ -32,6 +32,7 @@ __all__ = [
     "inherit",
     "OUTPUT_MODES",
     "PROJECTIONS",
+    "SEQUENCE_LABELS",
     "LOSSES",
     "WEIGHTINGS",
     "KERNELS",
@@ -45,7 +46,8 @@ __all__ = [
     "SELECTIONS",
 ]
 
-OUTPUT_MODES = ("margin", "logits", "regression", "logistic")
+OUTPUT_MODES = ("margin", "logits", "regression", "logistic", "sequence")
+SEQUENCE_LABELS = ("causal", "aligned")  # output="sequence": how token labels line up with the logits
 PROJECTIONS = ("auto", "sjlt", "gaussian", "rademacher", "tensorsketch", "identity", "factorized")
 LOSSES = ("cross_entropy", "logistic", "squared")
 WEIGHTINGS = ("task", "sample")
@@ -195,8 +197,15 @@ class HarvestConfig(_Settings):
 
     output: Union[str, Callable] = setting(
         "margin", "model output linearized per sample: margin (log-odds of the true class), logits, "
-        "regression, logistic, or a callable fn(outputs, labels) -> one scalar per sample",
+        "regression, logistic, sequence (language models: (batch, T, V) logits and token labels with "
+        "-100 where no loss is taken; the per-sample loss is the mean cross-entropy over the sample's "
+        "supervised tokens, docs/gradex.md), or a callable fn(outputs, labels) -> one scalar per sample",
         one_of(OUTPUT_MODES, callable_ok=True), choices=OUTPUT_MODES)
+    sequence_labels: str = setting(
+        "causal", "with output='sequence', how token labels line up with the logits: causal (the logits "
+        "at position t predict label t+1, as Hugging Face's causal LMs shift them; labels = input_ids "
+        "with -100 on prompt and padding) or aligned (label t belongs to the logits at t)",
+        one_of(SEQUENCE_LABELS), choices=SEQUENCE_LABELS)
     projection: str = setting(
         "auto", "random projection of the per-sample gradients: auto (tensorsketch when Linear, GPT-2 "
         "Conv1D and Embedding weights hold at least half of the selected parameters, grad_engine is "

@@ -73,6 +73,10 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     # The own-module example found its three sources; the re-analyses wrote reports.
     assert sorted(ns["own"].report.task_names) == ["0", "1", "2"]
     assert ns["again"].config["analysis"]["n_subsets"] == 200
+    # The language-model example: HF dict batches, output="sequence", the run record's final loss.
+    lm = ns["lm_attribution"].report
+    assert lm.task_names == ["code", "math", "qa", "scraped"] and lm.config["callback"]["output"] == "sequence"
+    assert lm.config["run"]["final_losses"]["all"] > 0
     assert (tmp_path / "runs" / "report-m200" / "report.json").is_file()
     assert (tmp_path / "runs" / "report-cli" / "report.json").is_file()
 

@@ -89,7 +89,7 @@ def check_data(cb, plan: list, n_classes) -> dict:
             f"task attribution needs at least 2 source tasks; the source data has task ids {list(tasks)} "
             "(check task_key, or that every task is in the training data)"
         )
-    check_label_range(scan, cb.harvest.output_name, n_classes)
+    check_label_range(scan, cb.harvest.output_name, n_classes, cb.harvest.sequence_labels)
     return scan
 
 

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..harvesting.outputs import sequence_losses
 from ..task_ids import normalize_task_id
 from .ranks import gather, on_all_ranks
 
@@ -143,7 +144,10 @@ class _FirstNonFiniteLoss:
         return {"epoch": epoch, "batch": first - self._offsets[epoch]}
 
 
-def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: str) -> torch.Tensor:
+def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: str,
+                     sequence_labels: str = "causal") -> torch.Tensor:
+    if output_mode == "sequence":  # the mean token loss of each sample, as the harvest linearizes it
+        return sequence_losses(outputs.float(), labels, sequence_labels == "causal")[0]
     if output_mode == "regression":
         return 0.5 * (outputs.reshape(len(labels), -1).float() - labels.reshape(len(labels), -1).float()).pow(2).sum(1)
     if output_mode == "logistic":
@@ -154,11 +158,13 @@ def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: s
 
 @torch.no_grad()
 def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode: str = "margin",
-                        device=None, world: Optional[int] = None) -> dict:
+                        device=None, world: Optional[int] = None, sequence_labels: str = "causal") -> dict:
     """Mean loss of ``module`` on the target loaders, per target task id and ``"all"`` (the loss
-    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy), added
-    over the DDP ranks (``world``: the trainer's world size; None: the process group's)."""
+    GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy, the mean
+    token cross-entropy per sample for sequence), added over the DDP ranks (``world``: the trainer's
+    world size; None: the process group's)."""
     from ..harvesting.batches import to_device
+    from ..harvesting.hf import call_model
 
     was_training = module.training
     module.eval()
@@ -172,8 +178,8 @@ def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode
             for batch in loader:
                 inputs, labels, tasks = reader.read(batch)
                 inputs = to_device(inputs, device)
-                out = forward_fn(module, inputs) if forward_fn is not None else module(inputs)
-                losses = _loss_per_sample(out, labels.to(out.device), output_mode).double().cpu()
+                out = call_model(module, inputs, forward_fn)
+                losses = _loss_per_sample(out, labels.to(out.device), output_mode, sequence_labels).double().cpu()
                 task_list = tasks.tolist() if isinstance(tasks, torch.Tensor) else list(tasks)
                 for value, task in zip(losses.tolist(), task_list):
                     key = str(task)
@@ -382,7 +388,8 @@ def record_run_end(callback, trainer, pl_module) -> Optional[dict]:
         disp = weight_displacement(pl_module, callback._w0, callback._param_names) if callback._w0 else None
         targets = [dl for split, dl in callback._plan(trainer) if split == "target"]
         losses = final_target_losses(pl_module, targets, callback.reader, forward_fn=callback.forward_fn,
-                                     output_mode=callback.harvest.output_name, world=trainer.world_size)
+                                     output_mode=callback.harvest.output_name, world=trainer.world_size,
+                                     sequence_labels=callback.harvest.sequence_labels)
         recorder.finish(trainer, displacement=disp, final_losses=losses,
                         nonfinite_params=nonfinite_parameters(pl_module, callback._param_names))
     except Exception as exc:  # noqa: BLE001 - the record is optional; the analysis still runs

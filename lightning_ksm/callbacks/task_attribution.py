@@ -60,23 +60,21 @@ class TaskAttributionMixin(AttributionCallbackBase):
             mode, projection, parameters, storage.
         analysis: an :class:`~lightning_ksm.config.AnalysisConfig` (or a dict): subsets, GradEx,
             surrogate, readouts.
-        output, projection, proj_dim, proj_seed, include, exclude, chunk_size, harvest_batch_size,
-        jacobian_dtype, n_subsets, subset_p, subset_size, seed, estimator, simulate_adam, lam, loss,
-        weighting, kernel, gamma, alpha, holdout, ensemble_samples, n_groups, best_subset_size, max_exact, ...,
-            threads: the same settings
-            as flat keyword arguments (convenient in code and LightningCLI YAML); one given here
-            overrides the same field of ``harvest=`` / ``analysis=``. None: that object's value (the
-            default). Every setting's meaning, default and range: ``docs/callback.md``.
+        output, sequence_labels, projection, proj_dim, ..., n_subsets, subset_p, ..., threads: every
+            setting of both objects as a flat keyword argument (convenient in code and LightningCLI
+            YAML); one given here overrides the same field of ``harvest=`` / ``analysis=``. None: that
+            object's value (the default). Each one's meaning, default and range: ``docs/callback.md``.
         task_key, input_key, label_key: how to read task ids, model inputs and labels from a batch:
             a dict key, a tuple position, or a callable ``fn(batch)``. Defaults: positions 2 / 0 / 1
-            of tuple batches; keys "task" / "x" / "y" (and common synonyms) of dict batches.
-        source: the source (training) data: ``"train"`` (the trainer's train dataloader) or a
-            ``DataLoader``.
+            of tuple batches; keys "task" / "x" / "y" (and common synonyms) of dict batches; a dict
+            batch with ``input_ids`` (Hugging Face) gives its model inputs as keywords.
+        source: the source (training) data: ``"train"`` (the trainer's train dataloader) or a ``DataLoader``.
         target: the target data: ``"val"`` (every validation dataloader) or a ``DataLoader`` or a
             list of them. Target groups are the task ids found there, plus "all".
         snapshot: when to take W0: ``"fit_start"`` (default), ``"epoch:N"`` (at the start of epoch N),
             or a path to a Lightning checkpoint whose ``state_dict`` holds W0.
-        forward_fn: ``fn(module, inputs) -> outputs``; default ``module(inputs)``.
+        forward_fn: ``fn(module, inputs) -> outputs``; default ``module(inputs)``, or
+            ``module(**inputs)`` for HF inputs; a ``ModelOutput`` is read at ``.logits``.
         task_names: the source task ids, if known; otherwise the source data's task ids are scanned
             once (without the model) at train start.
         dirpath: output directory; default ``<logger log dir>/ksm`` or ``<default_root_dir>/ksm``.
@@ -124,6 +122,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         jacobian_dtype: Optional[str] = None,
         precondition: Optional[str] = None,
         exact_readout: Optional[int] = None,
+        sequence_labels: Optional[str] = None,
         # flat analysis settings (AnalysisConfig)
         n_subsets: Optional[int] = None,
         subset_p: Optional[float] = None,

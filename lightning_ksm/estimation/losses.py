@@ -12,6 +12,7 @@ LOSSES = _LOSSES  # the vocabulary is declared in config
 MODE_TO_LOSS = {
     "logits": "cross_entropy",
     "margin": "logistic",
+    "sequence": "logistic",  # the margin of the mean token loss (harvesting/outputs.py)
     "logistic": "logistic",
     "regression": "squared",
 }
@@ -105,7 +106,7 @@ LOSS_IMPL = {"logistic": _Logistic, "squared": _Squared, "cross_entropy": _Cross
 
 
 def default_loss(mode: str) -> str:
-    """The loss GradEx uses for an output mode: logits -> cross_entropy, margin/logistic ->
+    """The loss GradEx uses for an output mode: logits -> cross_entropy, margin/sequence/logistic ->
     logistic, regression -> squared. ``custom`` has no default (pass ``loss=`` explicitly)."""
     if mode not in MODE_TO_LOSS:
         raise ValueError(

@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator, Union
 import numpy as np
 import torch
 
+from .hf import model_inputs
+
 __all__ = ["BatchReader", "describe", "loader_chunks", "scan_task_ids", "as_loader_list", "to_device", "take",
            "tolist"]
 
@@ -39,7 +41,10 @@ class BatchReader:
     Each of ``input_key``, ``label_key`` and ``task_key`` is a dict key (str), a position in a
     tuple/list batch (int), or a callable ``fn(batch) -> value``. ``None`` means: position 0 / 1 / 2
     for tuple batches; for dict batches the first present of ("x", "input", "inputs"),
-    ("y", "label", "labels", "target") and ("task", "task_id", "task_ids").
+    ("y", "label", "labels", "target") and ("task", "task_id", "task_ids"); a dict batch with
+    ``input_ids`` and none of the input names (Hugging Face's layout) gives its model-input keys
+    (``input_ids``, ``attention_mask``, ... :data:`~lightning_ksm.harvesting.hf.MODEL_INPUTS`) as a
+    dict, which the model gets as keywords.
     """
 
     def __init__(self, input_key: Key = None, label_key: Key = None, task_key: Key = None):
@@ -62,6 +67,8 @@ class BatchReader:
         if isinstance(batch, Mapping):
             if key is None:
                 found = [n for n in names if n in batch]
+                if what == "inputs" and not found and "input_ids" in batch:
+                    return model_inputs(batch)
                 if not found:
                     raise ValueError(
                         f"cannot find the {what.replace('_', ' ')} in a dict batch with keys {list(batch)}: "

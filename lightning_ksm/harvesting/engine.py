@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from .hf import call_model
 from .outputs import scalarize
 
 __all__ = ["Engine", "tree_leaves", "tree_map", "prepare_tensor"]
@@ -62,9 +63,7 @@ class _Forward(nn.Module):
         self._forward_fn = forward_fn
 
     def forward(self, inputs):
-        if self._forward_fn is None:
-            return self.model(inputs)
-        return self._forward_fn(self.model, inputs)
+        return call_model(self.model, inputs, self._forward_fn)
 
 
 def _first_nonfinite(t: torch.Tensor) -> int | None:

@@ -18,6 +18,10 @@ Output modes (what ``f`` is, :mod:`.outputs`):
 - ``"logits"``: the vector of C logits; label = class index; Jacobian ``(C, k)``.
 - ``"regression"``: the scalar output (squared loss downstream); float labels.
 - ``"logistic"``: the single logit of a binary classifier; labels in {0, 1}.
+- ``"sequence"``: a language model's ``(batch, T, V)`` logits with token labels ``(batch, T)``, -100
+  where no loss is taken (``sequence_labels``: causal shift or aligned); one row per sample, the
+  margin ``-log(expm1(L))`` of its mean token cross-entropy L, so that its logistic loss is L (stored
+  label 1.0; docs/gradex.md says why one row per sample).
 - a callable ``fn(outputs, labels) -> (batch,)`` scalar per sample (mode ``"custom"``); it receives
   the model outputs and labels with their batch dimension.
 
@@ -44,7 +48,7 @@ from .engine import Engine, prepare_tensor, tree_leaves, tree_map
 from .factorized import FactorizedEngine
 from .hooks import HookCoverageError, covered_parameters
 from .layerwise import LayerwiseEngine
-from .outputs import check_labels, check_outputs, stored_labels
+from .outputs import SequenceMode, check_labels, check_outputs, check_sequence_labels, stored_labels
 from .params import select_parameters
 from .projection import IdentityProjector, Projector
 
@@ -121,8 +125,8 @@ class Harvester:
     parameters), the check that ``projector`` covers exactly those parameters, and the W0 tensors
     on ``device``. Use :meth:`session` around the calls of :meth:`batch`.
 
-    ``mode``: ``"margin"``, ``"logits"``, ``"regression"``, ``"logistic"`` or a callable
-    ``fn(outputs, labels) -> (batch,)``. ``weights``: ``{name: tensor}`` overriding the model's
+    ``mode``: ``"margin"``, ``"logits"``, ``"regression"``, ``"logistic"``, ``"sequence"`` (with
+    ``sequence_labels`` ``"causal"`` or ``"aligned"``) or a callable ``fn(outputs, labels) -> (batch,)``. ``weights``: ``{name: tensor}`` overriding the model's
     parameters/buffers (the W0 snapshot). ``forward_fn(model, inputs) -> outputs``: how to call the
     model. ``chunk_size``: per-sample gradients (for logits: sample-class pairs) held at once.
     ``task_names``: the task order; an id not in it raises (default: the ids seen, sorted).
@@ -147,6 +151,7 @@ class Harvester:
         device=None,
         task_names: Sequence | None = None,
         grad_engine: str = "hooks",
+        sequence_labels: str = "causal",
     ) -> None:
         if not isinstance(projector, Projector):
             raise TypeError(f"projector must be a Projector (see make_projector), got {type(projector).__name__}")
@@ -154,6 +159,10 @@ class Harvester:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES} or a callable, got {mode!r}")
             self.mode_name = mode
+            if mode == "sequence":
+                if sequence_labels not in ("causal", "aligned"):
+                    raise ValueError(f"sequence_labels must be 'causal' or 'aligned', got {sequence_labels!r}")
+                mode = SequenceMode(causal=sequence_labels == "causal")
         elif callable(mode):
             self.mode_name = "custom"
         else:
@@ -228,12 +237,15 @@ class Harvester:
         labels = prepare_tensor(labels, self.device)
         if not self._checked:  # one cheap batched forward to validate shapes before the per-sample work
             out = self.engine.forward_batch(inputs)
-            check_outputs(self.mode if self.mode_name != "custom" else "custom", out, n, batch_index)
+            check_outputs(self.mode_name, out, n, batch_index)
             if self.mode_name in ("margin", "logits"):
                 self._n_classes = out.shape[1]
+            if self.mode_name == "sequence":
+                self._n_classes = out.shape[2]  # the vocabulary
+                check_sequence_labels(labels, n, out.shape[1], out.shape[2], self.mode.causal, f"batch {batch_index}")
             self._checked = True
-        check_labels(self.mode if self.mode_name == "custom" else self.mode_name, labels, n, self._n_classes,
-                     batch_index)
+        check_labels(self.mode if self.mode_name in ("custom", "sequence") else self.mode_name, labels, n,
+                     self._n_classes, batch_index)
         try:
             outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
         except HookCoverageError as exc:

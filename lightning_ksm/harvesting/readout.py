@@ -28,7 +28,7 @@ from .outputs import scalarize
 
 __all__ = ["ReadoutBuilder", "adam_preconditioner", "exact_readout", "preconditioned_projector", "READOUT_MODES"]
 
-READOUT_MODES = ("margin", "logits", "regression", "logistic")
+READOUT_MODES = ("margin", "logits", "regression", "logistic", "sequence")
 
 
 def adam_preconditioner(optimizer, named_params: Mapping[str, torch.Tensor]) -> Optional[dict]:
@@ -94,7 +94,7 @@ class ReadoutBuilder:
         out = functional_call(self.engine.fmodel, merged, (inputs,))
         if self.mode == "logits":
             return out
-        return scalarize(self.mode, out, labels)[:, None]
+        return scalarize(self.engine.mode, out, labels)[:, None]
 
     def _loss_gradient(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """d loss / d output at W0 for the loss GradEx uses with this mode (estimation/losses.py:
@@ -104,7 +104,7 @@ class ReadoutBuilder:
             g = torch.softmax(out, 1)
             g[torch.arange(len(out), device=out.device), labels.long()] -= 1.0
             return g
-        if self.mode == "margin":
+        if self.mode in ("margin", "sequence"):  # logistic loss, label 1
             return torch.sigmoid(out) - 1.0
         y = labels.reshape(len(out), 1).double()
         return torch.sigmoid(out) - y if self.mode == "logistic" else out - y

@@ -169,7 +169,8 @@ class HarvestRunner:
             weights = {n: t.to(device) for n, t in weights.items()}
         return Harvester(self.model, projector=self._projector(), params=self.params, mode=self.config.output,
                          weights=weights, forward_fn=self.forward_fn, chunk_size=self.config.chunk_size,
-                         device=device, grad_engine=self.config.grad_engine)
+                         device=device, grad_engine=self.config.grad_engine,
+                         sequence_labels=self.config.sequence_labels)
 
     def probe(self, plan: Sequence[tuple]) -> None:
         """Harvest two samples of each loader's first chunk at the current weights, discarding them.

@@ -15,6 +15,7 @@ import torch
 
 from ..task_ids import POOLED_TARGET, normalize_task_id
 from .batches import BatchReader, loader_chunks, tolist
+from .outputs import IGNORE_INDEX
 
 __all__ = ["GroupReader", "with_group_readers", "scan_data", "check_label_range"]
 
@@ -90,7 +91,8 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
     seen: dict = {}  # str(id) -> (id, description, dataset index)
     source, labels, fingerprints = set(), {}, {}
     for loader_no, (split, loader, description, reader) in enumerate(entries):
-        stats = {"min": math.inf, "max": -math.inf, "integral": True, "at_min": None, "at_max": None}
+        stats = {"min": math.inf, "max": -math.inf, "integral": True, "at_min": None, "at_max": None,
+                 "no_token": None, "no_token_causal": None}  # token labels (batch, T) all -100
         digest, samples = hashlib.blake2b(digest_size=8), 0
         for key, index, batch in loader_chunks(loader, reader, loader_no=loader_no, batch_size=batch_size):
             where = lambda i: f"{description}, dataset index {int(index[i])}"  # noqa: E731
@@ -134,18 +136,38 @@ def scan_data(entries: Sequence[tuple], *, batch_size: int = 1024) -> dict:
                 if float(hi[i_hi]) > stats["max"]:
                     stats["max"], stats["at_max"] = float(hi[i_hi]), where(i_hi)
                 stats["integral"] &= bool((flat == flat.round()).all())
+                if y.ndim == 2 and y.shape[1] and not y.is_floating_point():
+                    ignored = y == IGNORE_INDEX
+                    for name, rows in (("no_token", ignored.all(1)), ("no_token_causal", ignored[:, 1:].all(1))):
+                        hits = torch.nonzero(rows).flatten()
+                        if stats[name] is None and len(hits):
+                            stats[name] = where(int(hits[0]))
         labels[description] = stats
         fingerprints[description] = (samples, digest.hexdigest())
     return {"source_tasks": sorted(source, key=lambda v: (isinstance(v, str), v)), "labels": labels,
             "fingerprints": fingerprints}
 
 
-def check_label_range(scan: dict, mode, n_classes: int | None) -> None:
-    """Class labels of every loader fit ``n_classes`` (margin/logits) or are 0/1 (logistic)."""
+def check_label_range(scan: dict, mode, n_classes: int | None, sequence_labels: str = "causal") -> None:
+    """Class labels of every loader fit ``n_classes`` (margin/logits; the vocabulary for sequence, where
+    -100 means no loss and every sample needs a supervised token) or are 0/1 (logistic)."""
     for description, st in scan["labels"].items():
         if st["at_min"] is None:
             continue
-        if mode in ("margin", "logits") and n_classes is not None:
+        if mode == "sequence" and n_classes is not None:
+            empty = st["no_token_causal"] if sequence_labels == "causal" else st["no_token"]
+            if empty is not None:
+                raise ValueError(f"{empty}: no supervised token (every token label is {IGNORE_INDEX}"
+                                 f"{' after the causal shift' if sequence_labels == 'causal' else ''}); "
+                                 "output='sequence' takes each sample's mean loss over its supervised tokens")
+            if not st["integral"]:
+                raise ValueError(f"{description}: output='sequence' needs integer token labels (label_key)")
+            if st["min"] < IGNORE_INDEX:
+                raise ValueError(f"{st['at_min']}: token label {st['min']:g} is neither {IGNORE_INDEX} nor a token id")
+            if st["max"] >= n_classes:
+                raise ValueError(f"{st['at_max']}: token label {st['max']:g} is out of range for the model's "
+                                 f"{n_classes} vocabulary entries")
+        elif mode in ("margin", "logits") and n_classes is not None:
             if not st["integral"]:
                 raise ValueError(f"{description}: labels must be class indices (integers) for output={mode!r}")
             if st["min"] < 0:
