@@ -311,3 +311,26 @@ def test_gpt2_with_the_real_vocabulary_and_a_near_zero_gradient_harvests_through
                     DataLoader(TensorDataset(x[:8], y[:8], torch.zeros(8, dtype=torch.long)), batch_size=8))
     assert cb.report.config["harvest"]["projector"]["kind"] == "tensorsketch"
     assert len(cb.report.ranked("all")) == 4
+
+
+def test_a_layer_whose_output_the_loss_does_not_use_gets_a_zero_share_once():
+    """The hooks take each layer's share as its output gradient arrives in the backward pass; a layer
+    called twice with one call unused (no gradient arrives for it) and a tied weight still give
+    exactly the per-sample path's features."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            self.b(h * 2)  # a call of b whose output nothing uses
+            return self.head(torch.tanh(self.b(h)))
+
+    torch.manual_seed(0)
+    model = Branchy().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for kind in ("sjlt", "tensorsketch"):
+        proj = projector_for_model(model, kind, 16, seed=0)
+        vmap, hooks = _both(model, [(x, y, [0] * 5)], proj, mode="margin")
+        np.testing.assert_allclose(hooks.jacobians, vmap.jacobians, rtol=1e-9, atol=1e-12)

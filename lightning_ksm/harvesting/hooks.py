@@ -189,23 +189,26 @@ class HookEngine:
         n = labels.shape[0]
 
         versions: dict = {m: [] for m in modules}
+        taps: list = []  # one zero scalar leaf per call, added to its output (see below)
 
         def hook(module, inp, out):
             x = inp[0]
             if module in self._copy_in:
                 x = x.detach().clone()  # the values the module saw; the model changes x in place later
-            replaced = None
             if n > 1 and out.dim() > 0 and out.shape[0] == 1:
                 # Computed once for the batch and broadcast (e.g. GPT-2's position embeddings): expand
                 # it, so that the gradient is taken per sample rather than summed over the batch.
                 out = out.expand(n, *out.shape[1:])
                 x = x.expand(n, *x.shape[1:]) if x.dim() > 0 and x.shape[0] == 1 else x
-                replaced = out
-            if module in self._copy_out:
-                replaced = out.clone()  # the in-place op downstream modifies the copy, not `out`
-            calls[module].append((x, out))
-            versions[module].append((x, x._version, out._version))
-            return replaced
+            # out + 0: a leaf on every output, so that one backward pass to these leaves reaches every
+            # output (its gradient arrives in the tensor hook set in _stream), with no weight gradients
+            # formed and no output gradient kept after its layer's share is taken.
+            tap = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            taps.append(tap)
+            tapped = out + tap
+            calls[module].append((x, tapped))
+            versions[module].append((x, x._version, tapped._version))
+            return tapped.clone() if module in self._copy_out else tapped  # in-place ops downstream hit the copy
 
         handles = [m.register_forward_hook(hook) for m in modules]
         try:
@@ -221,22 +224,13 @@ class HookEngine:
             return self._chunk(xs, labels, n_classes)
         vector = self.mode == "logits"
         scalars = [out[:, c] for c in range(n_classes)] if vector else [scalarize(self.mode, out, labels)]
-        outputs = [o for m in modules for _, o in calls[m]]
         check = not self.checked
         leaves = [self._leaves[name] for name in self.covered] if check else []
         blocks = []
         for i, scalar in enumerate(scalars):
-            grads = torch.autograd.grad(scalar.sum(), outputs + leaves, retain_graph=i < len(scalars) - 1,
-                                        allow_unused=True)
-            batch_grads, grads = grads[len(outputs):], grads[:len(outputs)]
-            delta, j = {}, 0
-            for m in modules:
-                delta[m] = []
-                for inp, o in calls[m]:
-                    g = grads[j]
-                    delta[m].append((inp, torch.zeros_like(o) if g is None else g))
-                    j += 1
-            projected, shares = self._project(delta, scalar.shape[0], keep_shares=check and i == 0)
+            last = i == len(scalars) - 1
+            projected, shares, batch_grads = self._stream(calls, scalar, taps, leaves, n, keep=check and i == 0,
+                                                          release=last)
             blocks.append(projected)
             if check and i == 0:
                 self._check_sums(shares, batch_grads)
@@ -244,6 +238,54 @@ class HookEngine:
         values = (out if vector else scalars[0]).detach()
         projected = torch.stack(blocks, dim=1) if vector else blocks[0]
         return values, projected
+
+    def _stream(self, calls: dict, scalar, taps: list, leaves: list, n: int, keep: bool, release: bool):
+        """One backward pass of ``scalar.sum()``: each layer call's share of the projected gradients
+        is formed as its output gradient arrives (a tensor hook), then that gradient, and on the
+        last pass (``release``) the layer's saved input, are let go: the harvest holds about what
+        training's backward holds, not every layer's inputs and output gradients of the chunk at
+        once. Returns ``(projected (n, k), shares per parameter if keep, the leaves' gradients)``."""
+        first = next(iter(self.sel.values()))
+        out = torch.zeros(n, self.projector.k, dtype=first.dtype, device=first.device)
+        uses_of: dict = {}
+        for name, uses in self.covered.items():
+            for module, role in uses:
+                uses_of.setdefault(module, []).append((name, role))
+        # a parameter is placed once all its uses are in: a tied weight's shares add up first
+        remaining = {name: sum(len(calls[m]) for m, _ in uses) for name, uses in self.covered.items()}
+        partial: dict = {}
+        shares: dict = {}
+        fired: set = set()
+
+        def take(module, j, d):
+            fired.add((module, j))
+            inp = calls[module][j][0]
+            for name, role in uses_of[module]:
+                c = self._contribution(name, module, role, inp, d, n)
+                partial[name] = c if name not in partial else partial[name] + c
+                remaining[name] -= 1
+                if remaining[name] == 0:
+                    self._place(out, name, partial[name])
+                    if keep:
+                        shares[name] = partial[name]
+                    del partial[name]
+            if release:
+                calls[module][j] = (None, None)
+
+        handles = []
+        for module, made in calls.items():
+            for j, (_, tapped) in enumerate(made):
+                handles.append(tapped.register_hook(lambda g, m=module, j=j: take(m, j, g)))
+        try:
+            grads = torch.autograd.grad(scalar.sum(), taps + leaves, retain_graph=not release, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        for module, made in calls.items():  # outputs the scalar does not depend on: a zero gradient
+            for j, (_, tapped) in enumerate(made):
+                if (module, j) not in fired:
+                    take(module, j, torch.zeros_like(tapped))
+        return out, shares, grads[len(taps):]
 
     def _check_sums(self, shares: dict, batch_grads) -> None:
         """The projection is linear, so a parameter's per-sample shares summed over the chunk must
@@ -274,22 +316,6 @@ class HookEngine:
                 f"{self.what}: parameter {which} {'is' if len(bad_names) == 1 else 'are'} used outside the module "
                 "that owns it (or its gradient is not finite): the gradient through the model differs from what "
                 f"the layer hooks see, so its projected gradients would be wrong. {self.remedy}"), bad_names)
-
-    def _project(self, delta: dict, n: int, keep_shares: bool = False):
-        """The covered parameters' projected gradients ``(n, k)`` (fallback blocks left at 0), and
-        each parameter's share when ``keep_shares`` (for the first chunk's check)."""
-        first = next(iter(self.sel.values()))
-        out = torch.zeros(n, self.projector.k, dtype=first.dtype, device=first.device)
-        shares = {}
-        for name, uses in self.covered.items():
-            total = 0
-            for module, role in uses:
-                for inp, d in delta[module]:
-                    total = total + self._contribution(name, module, role, inp, d, n)
-            self._place(out, name, total)
-            if keep_shares:
-                shares[name] = total
-        return out, shares
 
     def _contribution(self, name, module, role, inp, d, n):
         if role == "linear":
