@@ -45,6 +45,27 @@ def focus_targets(task_names, target_names) -> list:
     return ["all"] if "all" in target_names else [target_names[0]]
 
 
+def _rescore_candidates(found: dict, task_names, target_names, K: int, budget: int):
+    """The subsets to re-score with GradEx: the full set and each target's candidates, targets taken
+    in order of interest (:func:`focus_targets` first, then the rest) while the distinct subsets fit
+    in ``budget`` (a fraction of the main run's subsets: with every source task also a target, all
+    candidates would be ``1 + top x (K + 1)`` subsets, more than the main run at large K).
+    Returns ``(masks (n, K) bool, the target columns re-scored)``."""
+    focus = [target_names.index(n) for n in focus_targets(task_names, target_names)]
+    order = focus + [t for t in range(len(target_names)) if t not in focus]
+    chosen = {np.ones(K, bool).tobytes(): np.ones(K, bool)}
+    rescored = set()
+    for t in order:
+        if t not in found:
+            continue
+        new = {m.tobytes(): m for m, _ in found[t].candidates if m.tobytes() not in chosen}
+        if len(chosen) + len(new) > budget and rescored:
+            continue
+        chosen.update(new)
+        rescored.add(t)
+    return np.array(list(chosen.values())), rescored
+
+
 def _ok(v, floor) -> bool:
     return v is not None and np.isfinite(v) and v >= floor
 
@@ -86,17 +107,22 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
             notes.append(f"no best subset for target {name!r}: {exc}")
     if bar is not None:
         bar.close()
-    checked = None
+    checked, rescored = None, set()
     if rescore is not None and found:
-        cand = np.vstack([np.ones((1, K), bool)] + [np.array([m for m, _ in b.candidates]) for b in found.values()])
-        cand = np.unique(cand, axis=0)
+        cand, rescored = _rescore_candidates(found, task_names, target_names, K,
+                                             budget=max(1 + cfg.rescore_top, int(cfg.rescore_budget * len(S))))
         values = np.asarray(rescore(cand), dtype=np.float64).reshape(len(cand), T)
         checked = {c.tobytes(): values[i] for i, c in enumerate(cand)}
+        skipped = [target_names[t] for t in found if t not in rescored]
+        if skipped:
+            notes.append(f"best subsets of {len(skipped)} target(s) ({', '.join(map(repr, skipped[:5]))}"
+                         f"{', ...' if len(skipped) > 5 else ''}) are the surrogate's, not re-scored with GradEx: "
+                         f"re-scoring is capped at rescore_budget={cfg.rescore_budget} of the {len(S)} subsets")
     best = []
     for t, b in found.items():
         mask, pred = b.mask, b.predicted_loss
         entry = {"target": target_names[t]}
-        if checked is not None:
+        if checked is not None and t in rescored:
             # the recommendation is the candidate GradEx itself rates best for this target
             gx = [checked[m.tobytes()][t] for m, _ in b.candidates]
             i = int(np.nanargmin(gx))

@@ -345,6 +345,10 @@ class AnalysisConfig(_Settings):
         "among the fitted subsets", int_at_least(1, optional=True))
     rescore_top: int = setting(5, "best-subset candidates per target re-scored with GradEx (when features "
                                "are available); the recommendation is the one GradEx rates best", int_at_least(1))
+    rescore_budget: float = setting(
+        0.5, "re-scoring of best-subset candidates runs GradEx on at most this fraction of n_subsets subsets; "
+        "targets are taken in order of interest (non-source targets, then 'all', then the source tasks) and "
+        "the rest keep the surrogate's recommendation, said in the report's notes", positive_number())
     max_exact_groupings: int = setting(
         2_000_000, "choose co-training groups exhaustively up to this many groupings (K <= 16), else by "
         "local search", int_at_least(1))

@@ -165,3 +165,35 @@ def test_groups_follow_predicted_group_losses_and_keep_a_synergistic_pair_togeth
     (-1, -1, -1, "redundant harm"), (1, -1, -1, "masking"), (-1, 1, 1, "masking"), (1, 1, 0, "none")])
 def test_interaction_wording_follows_the_case(si, sj, v, label):
     assert interaction_case(si, sj, v)[0] == label
+
+
+@pytest.mark.parametrize("budget, all_rescored", [(0.5, False), (10.0, True)])
+def test_best_subset_re_scoring_stays_within_its_budget_and_takes_the_targets_of_interest_first(budget, all_rescored):
+    """With every source task also a target, re-scoring every target's candidates is 1 + top x (K + 1)
+    GradEx subsets: 646 at K = 128, three times the main run. It is capped at rescore_budget x n_subsets,
+    the pooled target first; the targets left out keep the surrogate's pick, and the report says so."""
+    from lightning_ksm.analysis import report_from_losses
+
+    K, m = 12, 40
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(K, K + 1))
+    S = sample_subsets(K, m, p=0.5, seed=0)
+    F = 1.0 - S.astype(float) @ W / K
+    names = [f"t{k}" for k in range(K)]
+    calls = []
+
+    def rescore(masks):
+        calls.append(len(masks))
+        return 1.0 - masks.astype(float) @ W / K
+
+    report = report_from_losses(S, F, names, names + ["all"], {"rescore_budget": budget, "n_bootstrap": 0,
+                                                               "n_subsets": m}, rescore=rescore)
+    assert len(calls) == 1
+    rescored = {b["target"] for b in report.best_subsets if "gradex_loss" in b}
+    assert "all" in rescored
+    if all_rescored:
+        assert rescored == set(names + ["all"])
+        assert not any("not re-scored" in n for n in report.fit_quality.get("notes", []))
+    else:
+        assert calls[0] <= budget * m and len(rescored) < K + 1
+        assert any("rescore_budget" in n for n in report.fit_quality.get("notes", []))

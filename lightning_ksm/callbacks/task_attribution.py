@@ -146,6 +146,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         support: Optional[str] = None,
         support_radius: Optional[int] = None,
         rescore_top: Optional[int] = None,
+        rescore_budget: Optional[float] = None,
         max_exact_groupings: Optional[int] = None,
         n_bootstrap: Optional[int] = None,
         interval_level: Optional[float] = None,
