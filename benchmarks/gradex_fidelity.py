@@ -227,6 +227,8 @@ def _cached(path, compute):
 class _Rows(dict):
     """Estimator rows whose values are computed once and cached under ``directory``."""
 
+    only = None  # --only-rows: the names computed (None: all)
+
     def __init__(self, directory):
         super().__init__()
         self.directory = directory
@@ -236,6 +238,8 @@ class _Rows(dict):
         super().__setitem__(name, value)
 
     def lazy(self, name, compute):
+        if self.only is not None and name not in self.only:
+            return
         self[name] = _cached(os.path.join(self.directory, name + ".json"), compute)
 
 
@@ -442,7 +446,9 @@ def modular_one(cfg, op, seed, args, log):
     tfeats[pname] = pre_tgt[0]
     projectors[pname] = (projector_for_model(model, "sjlt", k, 0), scale)
     t0 = time.perf_counter()
-    oracle = modular_oracle(model, w0, data, os.path.join(tr["run_dir"], "dw"), S, tfeats, projectors)
+    if _Rows.only is not None and not any(n.startswith("oracle") for n in _Rows.only):
+        projectors = None  # --only-rows without oracle rows
+    oracle = {} if projectors is None else modular_oracle(model, w0, data, os.path.join(tr["run_dir"], "dw"), S, tfeats, projectors)
     log(f"[{op} seed {seed}] oracle rows {time.perf_counter() - t0:.0f}s")
     scores = _score_rows(S, rows, truth, obs["losses"]["all"], fit, ev, hsec,
                          extra={f"oracle_{k2}" if not k2.startswith("oracle") else k2: v for k2, v in oracle.items()})
@@ -709,7 +715,7 @@ def main(argv=None):
     ap.add_argument("--batch-seeds", nargs="+", default=["2"],
                     help="real retrainings of every subset (batch seeds), 'N' or 'op:N', per W0 seed")
     ap.add_argument("--draws", type=int, default=2, help="projection draws averaged in the *_draws rows")
-    ap.add_argument("--oracle-k", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--oracle-k", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--oracle-factorized-k", type=int, nargs="*", default=[256, 1024],
                     help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
@@ -721,7 +727,11 @@ def main(argv=None):
                          "(W0 seed 0 only)")
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     ap.add_argument("--tables", metavar="RESULTS_JSON")
+    ap.add_argument("--only-rows", nargs="*", default=None,
+                    help="compute only these estimator rows (and no oracle rows unless named): a lean rerun")
+    ap.add_argument("--out", default="gradex_fidelity", help="results file name under benchmarks/results/")
     args = ap.parse_args(argv)
+    _Rows.only = None if args.only_rows is None else set(args.only_rows)
     if args.tables:
         print(format_tables(json.load(open(args.tables))))
         return
@@ -762,7 +772,7 @@ def main(argv=None):
         "runs": runs,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
     }
-    write_results("gradex_fidelity", results)
+    write_results(args.out, results)
     print(format_tables(results))
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "KERNELS",
     "ESTIMATORS",
     "SIMULATE_ADAM",
+    "SIMULATE_BATCHES",
     "PRECONDITIONS",
     "CALIBRATIONS",
     "TARGET_READOUTS",
@@ -52,6 +53,7 @@ WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("auto", "adam", "preconditioned")
+SIMULATE_BATCHES = ("full", "run")  # the simulated run's gradients: every sample, or the run's minibatches
 GRAD_ENGINES = ("hooks", "vmap")  # how per-sample gradients are formed for a per-sample projection
 PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
 CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
@@ -289,6 +291,11 @@ class AnalysisConfig(_Settings):
         "parameters: adam (coordinate-wise on z), preconditioned (first-moment descent, for "
         "features harvested with the run's second moments), auto (preconditioned when the features "
         "are, else adam)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
+    simulate_batches: str = setting(
+        "full", "with estimator=simulate, the gradients of each simulated step: full (every sample of "
+        "the subset: the mean over batch orders, O(n) per step, so O(n^2 / batch) per epoch) or run "
+        "(minibatches of the run's batch size in a seeded shuffled order, as training draws them: "
+        "O(batch) per step, O(n) per epoch); docs/gradex.md", one_of(SIMULATE_BATCHES), choices=SIMULATE_BATCHES)
     target_readout: str = setting(
         "exact", "with estimator=simulate, how the target loss's first-order change is read: exact (the "
         "harvest's exact readout, where it has one: measured better on gentle fine-tuning, worse on long "

@@ -70,7 +70,8 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
         return result
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
-                          calibrate=config.calibrate, use_readout=config.target_readout == "exact")
+                          calibrate=config.calibrate, use_readout=config.target_readout == "exact",
+                          batches=config.simulate_batches)
     else:
         result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
                         progress=progress)
