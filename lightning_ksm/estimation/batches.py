@@ -1,19 +1,22 @@
 """The minibatches of the simulated run (``simulate(batches="run")``): each step reads only its batch.
 
 The full-batch simulation evaluates every sample of the source at every simulated step, so one
-simulated epoch costs O(n^2 / b) and the analysis grows as n^2. Here each subset draws batches as
-training does: per epoch one permutation of all n samples, seeded and shared by every subset, each
-subset taking its own samples in that order, ``b`` (the run's effective batch: batch x accumulation
-x world size) per step, for the steps the subset gets in that epoch (:func:`.simulate.subset_steps`:
-the recorded steps, kept). A step then costs O(b k) per subset: the rows of its batch are gathered
-(``J[idx]``, idx ``(m, b)``) and multiplied in one batched product, ``f_B = f0_B + J_B z``,
-gradient ``J_B^T g_B``.
+simulated epoch costs O(n^2 / b) and the analysis grows as n^2. Here the subsets draw batches as
+training does, and an epoch costs O(n): per epoch one permutation of all n samples, seeded and
+shared by every subset; a subset whose data makes ``Q = ceil(n_s / b)`` batches of the run's
+effective batch ``b`` (batch x accumulation x world size) cuts that order into ``Q`` equal windows
+and takes, at its i-th step of the epoch, its own samples in window i (on average ``n_s / Q <= b``
+of them; the exact count varies a little from batch to batch, where a loader's is exactly ``b``).
+It takes the steps it gets in that epoch (:func:`.simulate.subset_steps`, kept: where the run drew
+part of the data, the first windows only). Subsets with the same windows (the same steps and
+``Q`` in every epoch) step together: one step gathers the window's rows once and multiplies them
+with all those subsets' parameters in one matrix product, ``f_W = f0_W + J_W Z``, gradient
+``J_W^T G``, so a step costs O(n / Q x k) per subset instead of O(n k).
 
-Each sample's weight in its step is ``a_s,t(i) x n_s / |B|`` (``a``: its weight in the subset's
-full-batch loss, :func:`.simulate.subset_weights`; ``n_s``: the subset's samples with a weight), so a
-batch's gradient is an unbiased estimate of the full-batch one (the mean over the batch for
-``weighting="sample"``); with one batch holding all of a subset's samples it is the full-batch
-gradient exactly.
+Each sample weighs ``a_s,t x n_s / |B|`` in its batch ``B`` (``a``: its weight in the subset's
+full-batch loss, :func:`.simulate.subset_weights`; ``n_s``: the subset's samples with a weight),
+so a batch's gradient is an unbiased estimate of the full-batch one (the mean over the batch for
+``weighting="sample"``); one window holding all the data (``b >= n_s``) is the full-batch run.
 """
 
 from __future__ import annotations
@@ -58,29 +61,43 @@ def epoch_steps(run: Mapping, n_s: np.ndarray, draws: Optional[EpochDraws], subs
 
 @dataclass
 class BatchPlan:
-    """Per step ``t`` and subset ``j``: the samples ``idx[t, j]`` (``(T, m, b)``) of its batch and their
-    weights ``weight[t, j]`` in its gradient (0 for padding and after the subset's last step)."""
+    """The batches of a group of subsets, as windows of a shared order: ``orders`` (E, n) the epochs'
+    permutations; per window ``t``: ``windows[t] = (epoch, start, end)``, ``mult[t]`` (m,) the factor
+    ``n_s / |B|`` of the batch it belongs to in each subset (0: none), ``stepping[t]`` (m,) the
+    subsets whose batch ends with it, ``running[t]`` how many subsets (a prefix) still run; ``W``
+    (n, m) each sample's weight in each subset's full-batch loss; ``perm``: the subsets' order here
+    (by their last window, decreasing) as positions in the order they were given."""
 
-    idx: torch.Tensor
-    weight: torch.Tensor
+    orders: torch.Tensor
+    windows: list
+    mult: torch.Tensor
+    stepping: torch.Tensor
+    running: np.ndarray
+    W: torch.Tensor
+    perm: np.ndarray
 
     def gradient(self, src, readout: Optional[torch.Tensor]):
-        """``gradient(Z, t) -> (g (k, a), q (T_r, a) or None)`` for the first ``a = Z.shape[1]`` subsets
-        at step ``t``: only the rows of each subset's batch are evaluated."""
-        J3 = src.Jf.view(src.n, src.C * src.k)
+        """``gradient(Z, t) -> (g (k, a), q (T_r, a) or None)``: window ``t``'s part of the gradient of
+        the first ``a = Z.shape[1]`` subsets' batches; only the window's rows are evaluated, for all
+        subsets in one matrix product."""
+        J2 = src.Jf.view(src.n, src.C * src.k)
         C, k = src.C, src.k
+        epoch = {}  # the epoch's rows in its order, gathered once (a window is then a slice)
 
         def grad(Z, t):
             a = Z.shape[1]
-            idx, w = self.idx[t, :a], self.weight[t, :a]
-            b = idx.shape[1]
-            JB = J3[idx].view(a, b * C, k)
-            P = src.f0[idx].view(a, b * C, 1) + torch.bmm(JB, Z.T.unsqueeze(2))
-            y = src.y[idx]
-            y = y.reshape(a * b) if y.dim() == 2 else y.reshape(a * b, C, 1)
-            g = src.loss.grad_and_curv(P.view(a * b, C, 1), y)[0].view(a, b, C) * w[:, :, None]
-            out = torch.bmm(g.view(a, 1, b * C), JB).view(a, k).T
-            q = None if readout is None else torch.einsum("abct,abc->ta", readout[idx], g)
+            e, s0, s1 = self.windows[t]
+            if epoch.get("e") != e:
+                order = self.orders[e]
+                epoch.update(e=e, J=J2[order], f0=src.f0[order], y=src.y[order], W=self.W[order],
+                             r=None if readout is None else readout[order])
+            L = s1 - s0
+            JW = epoch["J"][s0:s1].view(L * C, k)
+            P = epoch["f0"][s0:s1] + (JW @ Z).view(L, C, a)
+            w = epoch["W"][s0:s1, :a] * self.mult[t, :a]
+            g = src.loss.grad_and_curv(P, epoch["y"][s0:s1])[0] * w[:, None, :]
+            out = JW.T @ g.reshape(L * C, a)
+            q = None if readout is None else torch.einsum("nct,nca->ta", epoch["r"][s0:s1], g)
             return out, q
         return grad
 
@@ -88,35 +105,46 @@ class BatchPlan:
 def batch_plan(A: np.ndarray, task_ids: np.ndarray, steps: np.ndarray, per_epoch: np.ndarray, batch: int,
                seed: int, device, dtype) -> BatchPlan:
     """The batches of subsets with per-task sample weights ``A`` (``(m, K)``), ``steps`` (m,) in all,
-    ``per_epoch`` (``(m, E)``, :func:`epoch_steps`) of them in the recorded epochs, ``batch`` samples
-    per step; epoch ``e`` orders the samples by permutation ``default_rng([seed, e])`` of all n."""
+    ``per_epoch`` (``(m, E)``, :func:`epoch_steps`) of them in the recorded epochs (then epochs of
+    ``ceil(n_s / batch)``). Epoch ``e`` orders the samples by the permutation ``default_rng([seed,
+    e])`` of all n, cut into ``U`` equal windows, ``U`` the most batches any subset makes of its data
+    that epoch; a subset that makes ``Q`` batches ends its i-th at window ``(i + 1) U // Q``."""
     task_ids = np.asarray(task_ids, dtype=np.int64)
     n, m = len(task_ids), len(A)
-    T = int(steps.max())
-    idx = np.zeros((T, m, batch), dtype=np.int64)
-    weight = np.zeros((T, m, batch))
-    members = A[:, task_ids] > 0  # (m, n)
-    n_s = members.sum(1)
+    W = A[:, task_ids].T  # (n, m)
+    member = W > 0
+    n_s = member.sum(0)
+    full = np.maximum(1, -(-n_s // batch))
+    steps = np.asarray(steps, dtype=np.int64)
     done = np.zeros(m, dtype=np.int64)
+    orders, windows, mult, stepping = [], [], [], []
     e = 0
     while np.any(done < steps):
+        q = per_epoch[:, e] if e < per_epoch.shape[1] else full
+        q = np.minimum(q, steps - done)
+        Q = np.maximum(full, q)  # more steps than batches (a share rounded up): smaller batches
+        U = int(Q[q > 0].max())
         order = np.random.default_rng([seed, e]).permutation(n)
-        for j in np.nonzero(done < steps)[0]:
-            if n_s[j] == 0:  # no sample with a weight: its steps have a zero gradient
-                done[j] = steps[j]
-                continue
-            mine = order[members[j, order]]
-            full = -(-n_s[j] // batch)
-            q = int(per_epoch[j, e]) if e < per_epoch.shape[1] else full
-            q = min(q, int(steps[j] - done[j]))
-            if q > full:  # more steps than batches of b (rounding up of a subset's share): spread evenly
-                chunks = np.array_split(mine, q)
-            else:  # batches of b, as the loader makes them (the last may be short); part of the data
-                chunks = [mine[i * batch:(i + 1) * batch] for i in range(q)]
-            for i, c in enumerate(chunks):
-                t = done[j] + i
-                idx[t, j, :len(c)] = c
-                weight[t, j, :len(c)] = A[j, task_ids[c]] * n_s[j] / len(c)
-            done[j] += q
+        bounds = np.arange(U + 1) * n // U
+        cum = np.vstack([np.zeros((1, m), dtype=np.int64), np.cumsum(member[order], axis=0)])  # (n + 1, m)
+        mu, st = np.zeros((U, m)), np.zeros((U, m), dtype=bool)
+        for j in np.nonzero(q > 0)[0]:
+            ends = (np.arange(1, q[j] + 1) * U) // Q[j]  # window index after each batch
+            starts = np.concatenate([[0], ends[:-1]])
+            size = cum[bounds[ends], j] - cum[bounds[starts], j]
+            mu[:ends[-1], j] = np.repeat(n_s[j] / np.maximum(size, 1), ends - starts)
+            st[ends - 1, j] = True
+        orders.append(order)
+        windows += [(e, int(bounds[u]), int(bounds[u + 1])) for u in range(U)]
+        mult.append(mu)
+        stepping.append(st)
+        done += q
         e += 1
-    return BatchPlan(torch.as_tensor(idx, device=device), torch.as_tensor(weight, device=device, dtype=dtype))
+    mult, stepping = np.concatenate(mult), np.concatenate(stepping)
+    last = np.array([np.nonzero(stepping[:, j])[0].max() if stepping[:, j].any() else -1 for j in range(m)])
+    perm = np.argsort(-last, kind="stable")  # subsets that run longer first: the running ones are a prefix
+    running = (last[perm][None, :] >= np.arange(len(windows))[:, None]).sum(1)
+    return BatchPlan(torch.as_tensor(np.stack(orders), device=device), windows,
+                     torch.as_tensor(mult[:, perm], device=device, dtype=dtype),
+                     torch.as_tensor(stepping[:, perm], device=device), running,
+                     torch.as_tensor(W[:, perm], device=device, dtype=dtype), perm)

@@ -159,6 +159,11 @@ class _Source(LinearizedSource):
         return grad
 
 
+def _where(active, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """The optimizer state of the subsets with a step (lr > 0) updated, the others' kept."""
+    return new if active is True else torch.where(active, new, old)
+
+
 def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as: str,
          W: torch.Tensor | None = None, readout: torch.Tensor | None = None, plan: BatchPlan | None = None):
     """The optimizer's trajectory on z for every subset (columns, ``steps`` of them each, in
@@ -188,25 +193,46 @@ def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as
     R = torch.zeros(T, m, dtype=lrs.dtype, device=lrs.device)  # gbar_j . dW, per column and subset
     rbuf = torch.zeros_like(R)
     steps = np.asarray(steps)
-    for t in range(lrs.shape[0]):
-        a = int(np.sum(steps > t))  # the subsets still running: a prefix
+    if plan is not None:  # minibatches: a step's gradient is summed over the windows of its batch
+        G, GR = torch.zeros_like(Z), torch.zeros_like(R)
+        count = torch.zeros(m, dtype=torch.long, device=lrs.device)  # steps taken, per subset
+    for t in range(lrs.shape[0] if plan is None else len(plan.windows)):
+        a = int(np.sum(steps > t)) if plan is None else int(plan.running[t])  # still running: a prefix
         if a == 0:
             break
-        lr = lrs[t, :a][None, :]
-        active = lr > 0
         z, zb, rr, rb = Z[:, :a], buf[:, :a], R[:, :a], rbuf[:, :a]
         g, q = gradient(z, t)  # q: gbar_j . D (sum_i J_i^T g_i w_i)
+        if plan is None:
+            lr, c1, c2 = lrs[t, :a][None, :], 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            damp = (1 - spec["dampening"]) if t else 1.0
+        else:
+            G[:, :a] += g
+            if T:
+                GR[:, :a] += q
+            stepping = plan.stepping[t, :a]
+            if not bool(stepping.any()):
+                continue
+            g, q = G[:, :a].clone(), (GR[:, :a].clone() if T else None)
+            G[:, :a] = G[:, :a].masked_fill(stepping[None, :], 0)  # a new batch begins
+            GR[:, :a] = GR[:, :a].masked_fill(stepping[None, :], 0)
+            cnt = count[:a]
+            lr = lrs.gather(0, cnt.clamp(max=lrs.shape[0] - 1)[None, :]) * stepping
+            c1, c2 = 1 - b1 ** (cnt + 1).to(lr.dtype), 1 - b2 ** (cnt + 1).to(lr.dtype)
+            damp = torch.where(cnt > 0, 1 - spec["dampening"], 1.0).to(lr.dtype)
+            count[:a] += stepping
+        active = lr > 0
+        if bool(active.all()):  # the usual case: no mask to apply
+            active = True
         q = rr if q is None else q
         if spec["kind"] == "sgd":
             if wd:
                 g = g + wd * z
                 q = q + wd * rr if T else q
             if spec["momentum"]:
-                damp = (1 - spec["dampening"]) if t else 1.0
-                zb = torch.where(active, zb * spec["momentum"] + damp * g, zb)
+                zb = _where(active, zb * spec["momentum"] + damp * g, zb)
                 step = g + spec["momentum"] * zb if spec["nesterov"] else zb
                 if T:
-                    rb = torch.where(active, rb * spec["momentum"] + damp * q, rb)
+                    rb = _where(active, rb * spec["momentum"] + damp * q, rb)
                     rstep = q + spec["momentum"] * rb if spec["nesterov"] else rb
             else:
                 step, rstep = g, q
@@ -220,18 +246,16 @@ def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as
         if wd and spec["decoupled"]:
             z = z * (1 - lr * wd)
             rr = rr * (1 - lr * wd)
-        zb = torch.where(active, b1 * zb + (1 - b1) * g, zb)
+        zb = _where(active, b1 * zb + (1 - b1) * g, zb)
         buf[:, :a] = zb
-        c1 = 1 - b1 ** (t + 1)
         if adam_as == "preconditioned":
             Z[:, :a] = z - lr * zb / c1
             if T:
-                rb = torch.where(active, b1 * rb + (1 - b1) * q, rb)
+                rb = _where(active, b1 * rb + (1 - b1) * q, rb)
                 R[:, :a], rbuf[:, :a] = rr - lr * rb / c1, rb
             continue
-        zs = torch.where(active, b2 * sq[:, :a] + (1 - b2) * g * g, sq[:, :a])
+        zs = _where(active, b2 * sq[:, :a] + (1 - b2) * g * g, sq[:, :a])
         sq[:, :a] = zs
-        c2 = 1 - b2 ** (t + 1)
         Z[:, :a] = z - lr * (zb / c1) / (torch.sqrt(zs / c2) + spec["eps"])
     return (src.Jf.T @ Z if dual else Z), R
 
@@ -314,7 +338,9 @@ def simulate(
             return _run(src, lrs, steps[rows], spec, adam_as, W=W, readout=rd)
         plan = batch_plan(A[rows], src.task_ids, steps[rows], per_epoch[rows], per_step, batch_seed + order,
                           device, dtype)
-        return _run(src, lrs, steps[rows], spec, adam_as, readout=rd, plan=plan)
+        Z, R = _run(src, lrs[:, plan.perm], steps[rows][plan.perm], spec, adam_as, readout=rd, plan=plan)
+        back = np.argsort(plan.perm)  # the columns in the order of rows again
+        return Z[:, back], R[:, back]
 
     def losses_for(rows: np.ndarray, scale: float):
         lo, acc = 0.0, 0.0
@@ -340,12 +366,9 @@ def simulate(
     scale = float(lr_scale)
     if calibrate == "loss":
         scale *= _calibrated_scale(run, all_tasks_loss)
-    # subsets in decreasing order of steps: a batch of them shares its length, and in each batch a
-    # subset that is done stops costing
-    by_steps = np.argsort(-steps, kind="stable")
     losses, acc = np.zeros((len(S_all), len(tgt.names))), None
-    for b0 in range(0, len(S_all), batch_size):
-        rows = by_steps[b0:b0 + batch_size]
+    # the minibatch path holds no (n, m) products: larger batches of subsets, larger matrix products
+    for rows in _row_batches(steps, batch_size if per_step is None else 4 * batch_size):
         lo, ac = losses_for(rows, scale)
         losses[rows] = lo
         if ac is not None:
@@ -370,6 +393,13 @@ def simulate(
                             if per_step is not None else "full"),
                 "all_tasks_estimate": dict(zip(tgt.names, losses[-1].tolist()))},
     )
+
+
+def _row_batches(steps: np.ndarray, size: int) -> list:
+    """The subsets in batches of at most ``size``, in decreasing order of steps: a batch shares its
+    length, and in a batch a subset that is done stops costing."""
+    order = np.argsort(-steps, kind="stable")
+    return [order[b0:b0 + size] for b0 in range(0, len(order), size)]
 
 
 def _readout_columns(source: HarvestedFeatures, tgt: _Target, loss: str, spec: dict, adam_as: str) -> dict:
