@@ -164,6 +164,14 @@ def _where(active, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return new if active is True else torch.where(active, new, old)
 
 
+def _put(X: torch.Tensor, a: int, value: torch.Tensor) -> torch.Tensor:
+    """X with its first ``a`` columns set to ``value`` (the value itself when that is all of X)."""
+    if a == X.shape[1]:
+        return value
+    X[:, :a] = value
+    return X
+
+
 def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as: str,
          W: torch.Tensor | None = None, readout: torch.Tensor | None = None, plan: BatchPlan | None = None):
     """The optimizer's trajectory on z for every subset (columns, ``steps`` of them each, in
@@ -206,15 +214,12 @@ def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as
             lr, c1, c2 = lrs[t, :a][None, :], 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
             damp = (1 - spec["dampening"]) if t else 1.0
         else:
-            G[:, :a] += g
-            if T:
-                GR[:, :a] += q
+            g, q = G[:, :a] + g, (GR[:, :a] + q if T else None)
             stepping = plan.stepping[t, :a]
+            keep = (~stepping).to(g.dtype)  # those whose batch ends here begin a new one
+            G, GR = _put(G, a, g * keep), (_put(GR, a, q * keep) if T else GR)
             if not bool(stepping.any()):
                 continue
-            g, q = G[:, :a].clone(), (GR[:, :a].clone() if T else None)
-            G[:, :a] = G[:, :a].masked_fill(stepping[None, :], 0)  # a new batch begins
-            GR[:, :a] = GR[:, :a].masked_fill(stepping[None, :], 0)
             cnt = count[:a]
             lr = lrs.gather(0, cnt.clamp(max=lrs.shape[0] - 1)[None, :]) * stepping
             c1, c2 = 1 - b1 ** (cnt + 1).to(lr.dtype), 1 - b2 ** (cnt + 1).to(lr.dtype)
@@ -236,9 +241,9 @@ def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as
                     rstep = q + spec["momentum"] * rb if spec["nesterov"] else rb
             else:
                 step, rstep = g, q
-            Z[:, :a], buf[:, :a] = z - lr * step, zb
+            Z, buf = _put(Z, a, z - lr * step), _put(buf, a, zb)
             if T:
-                R[:, :a], rbuf[:, :a] = rr - lr * rstep, rb
+                R, rbuf = _put(R, a, rr - lr * rstep), _put(rbuf, a, rb)
             continue
         if wd and not spec["decoupled"]:
             g = g + wd * z
@@ -247,16 +252,16 @@ def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as
             z = z * (1 - lr * wd)
             rr = rr * (1 - lr * wd)
         zb = _where(active, b1 * zb + (1 - b1) * g, zb)
-        buf[:, :a] = zb
+        buf = _put(buf, a, zb)
         if adam_as == "preconditioned":
-            Z[:, :a] = z - lr * zb / c1
+            Z = _put(Z, a, z - (lr / c1) * zb)
             if T:
                 rb = _where(active, b1 * rb + (1 - b1) * q, rb)
-                R[:, :a], rbuf[:, :a] = rr - lr * rb / c1, rb
+                R, rbuf = _put(R, a, rr - (lr / c1) * rb), _put(rbuf, a, rb)
             continue
         zs = _where(active, b2 * sq[:, :a] + (1 - b2) * g * g, sq[:, :a])
-        sq[:, :a] = zs
-        Z[:, :a] = z - lr * (zb / c1) / (torch.sqrt(zs / c2) + spec["eps"])
+        sq = _put(sq, a, zs)
+        Z = _put(Z, a, z - lr * (zb / c1) / (torch.sqrt(zs / c2) + spec["eps"]))
     return (src.Jf.T @ Z if dual else Z), R
 
 
