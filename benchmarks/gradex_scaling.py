@@ -10,7 +10,8 @@ subsets at p = 0.75 (+ the all-tasks run), the watched run recorded as 3 epochs 
 in CPU seconds of the process (the machine is shared: wall time would count the neighbours; the
 training epoch is the best of two).
 The features are random (the cost does not depend on their values; the harvest, a per-sample
-gradient pass linear in n, is not part of the analysis timed here). The full-batch path stops at
+gradient pass linear in n, is not part of the analysis timed here). ``*_epochs``: the analysis in
+training epochs; ``*_epochs_per_simulated_epoch``: that over the 3 simulated epochs. The full-batch path stops at
 ``--full-max`` samples (its cost grows as n^2). Log-log slopes are least-squares fits of
 log(seconds) on log(n).
 
@@ -114,6 +115,7 @@ def main(argv=None):
             sec = analysis(n, batches)
             row[f"{batches}_seconds"] = sec
             row[f"{batches}_epochs"] = sec / row["training_epoch_seconds"]
+            row[f"{batches}_epochs_per_simulated_epoch"] = row[f"{batches}_epochs"] / EPOCHS
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     out = {"rows": rows}

@@ -296,6 +296,10 @@ class AnalysisConfig(_Settings):
         "the subset: the mean over batch orders, O(n) per step, so O(n^2 / batch) per epoch) or run "
         "(minibatches of the run's batch size in a seeded shuffled order, as training draws them: "
         "O(batch) per step, O(n) per epoch); docs/gradex.md", one_of(SIMULATE_BATCHES), choices=SIMULATE_BATCHES)
+    simulate_batch_orders: int = setting(
+        4, "with simulate_batches=run, the batch orders (seeded shuffles) simulated and averaged: one "
+        "order is one noisy draw of the run, the mean over several is closer to the mean over batch "
+        "orders that full estimates (the cost grows with it; docs/gradex.md)", int_at_least(1))
     target_readout: str = setting(
         "exact", "with estimator=simulate, how the target loss's first-order change is read: exact (the "
         "harvest's exact readout, where it has one: measured better on gentle fine-tuning, worse on long "

@@ -71,7 +71,7 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
                           calibrate=config.calibrate, use_readout=config.target_readout == "exact",
-                          batches=config.simulate_batches)
+                          batches=config.simulate_batches, batch_orders=config.simulate_batch_orders)
     else:
         result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
                         progress=progress)
