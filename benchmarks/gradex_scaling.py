@@ -6,7 +6,8 @@ equal size) one plain training epoch (Adam, batch 64, cross-entropy) is timed, a
 projection draws, preconditioned with the exact target readout (2 columns), margin mode, 200
 subsets at p = 0.75 (+ the all-tasks run), the watched run recorded as 3 epochs of Adam at batch
 64; 1,000 target samples. ``simulate_batches="full"`` (every sample at every simulated step) and
-``"run"`` (the run's minibatches) are timed in the same process, one thread (``torch`` and BLAS),
+``"run"`` (the run's minibatches; ``run``: one batch order, ``run4``: the mean over four,
+``simulate_batch_orders=4``) are timed in the same process, one thread (``torch`` and BLAS),
 in CPU seconds of the process (the machine is shared: wall time would count the neighbours; the
 training epoch is the best of two).
 The features are random (the cost does not depend on their values; the harvest, a per-sample
@@ -81,7 +82,10 @@ def features(n: int, k: int, draws: int, seed: int, source: bool) -> HarvestedFe
                              task_names=names, mode="margin", preconditioned=True, projection_draws=draws, **extra)
 
 
-def analysis(n: int, batches: str) -> float:
+VARIANTS = {"full": ("full", 1), "run": ("run", 1), "run4": ("run", 4)}  # simulate_batches, batch orders
+
+
+def analysis(n: int, variant: str) -> float:
     hc = HarvestConfig()
     src = features(n, hc.proj_dim, hc.proj_draws, 1, True)
     tgt = features(N_TARGET, hc.proj_dim, hc.proj_draws, 2, False)
@@ -89,7 +93,8 @@ def analysis(n: int, batches: str) -> float:
     run = {"optimizer": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}, "epoch_based": True,
            "epochs": EPOCHS, "steps": EPOCHS * -(-n // BATCH), "batch_size": BATCH, "accumulate_grad_batches": 1,
            "final_losses": {"target": 0.6, "all": 0.6}}
-    cfg = replace(AnalysisConfig(), estimator="simulate", simulate_batches=batches)
+    batches, orders = VARIANTS[variant]
+    cfg = replace(AnalysisConfig(), estimator="simulate", simulate_batches=batches, simulate_batch_orders=orders)
     t = time.process_time()
     estimate_subsets(src, tgt, S, cfg, run=run)
     return time.process_time() - t
@@ -109,7 +114,7 @@ def main(argv=None):
     rows = []
     for n in args.n:
         row = {"n": n, "training_epoch_seconds": min(training_epoch(n) for _ in range(2))}
-        for batches in ("run", "full"):
+        for batches in ("run", "run4", "full"):
             if batches == "full" and n > args.full_max:
                 continue
             sec = analysis(n, batches)
@@ -119,7 +124,7 @@ def main(argv=None):
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     out = {"rows": rows}
-    for batches in ("run", "full"):
+    for batches in ("run", "run4", "full"):
         done = [r for r in rows if f"{batches}_seconds" in r]
         if len(done) >= 2:
             ns = [r["n"] for r in done]
