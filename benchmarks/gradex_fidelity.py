@@ -783,6 +783,12 @@ def main(argv=None):
                                "at before the choice; the project's seed 1 was seen after the readout and the "
                                "calibration were chosen, before the draws were (chosen on the modular tuning halves)"),
         },
+        "lean_rerun": None if args.only_rows is None else {
+            "rows": sorted(args.only_rows),
+            "note": (f"a lean run (--only-rows): only these rows, no oracle rows; modular W0 seeds "
+                     f"{list(range(args.seeds))}, {args.subsets} subsets (the first half tunes, the second "
+                     f"evaluates), batch seeds {args.batch_seeds}, projection draws {args.draws}; the design's "
+                     "'shortfall' text describes the full run, not this one")},
         "summary": {key: summarize(rs) for key, rs in runs.items()},
         "runs": runs,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
