@@ -59,6 +59,8 @@ from recipes import modular_arithmetic as ma  # noqa: E402
 
 ROOT = os.path.join("runs", "gradex_fidelity")
 # simulate_readout_effect with the run's minibatches (one batch order, and the mean over four)
+# the callback's defaults with simulate_batches (kind, batch orders) other than full
+_DEFAULT_BATCH_ROWS = {"default_run": ("run", 1), "default_run4": ("run", 4), "default_reduced": ("reduced", 1)}
 _RUN_BATCH_ROWS = {"simulate_readout_effect_run": {"batches": "run"},
                    "simulate_readout_effect_run4": {"batches": "run", "batch_orders": 4}}
 LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -310,9 +312,9 @@ def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam
     cfg = AnalysisConfig()
     if callback_default is not None:  # the callback's defaults: its k, its features, AnalysisConfig()
         rows.lazy("default", timed(lambda: col(estimate_subsets(*callback_default, SA, cfg, run=run))))
-        for name, orders in (("default_run", 1), ("default_run4", 4)):
-            rows.lazy(name, timed(lambda orders=orders: col(estimate_subsets(
-                *callback_default, SA, replace(cfg, simulate_batches="run", simulate_batch_orders=orders), run=run))))
+        for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
+            rows.lazy(name, timed(lambda kind=kind, orders=orders: col(estimate_subsets(
+                *callback_default, SA, replace(cfg, simulate_batches=kind, simulate_batch_orders=orders), run=run))))
     return rows
 
 
@@ -474,7 +476,7 @@ def modular_one(cfg, op, seed, args, log):
         scores[f"factorized{kf}_readout"]["features"] = (f"factorized k = {kf} per parameter "
                                                           f"({factorized[kf][0][0].proj_dim} dims), preconditioned "
                                                           "(rank one per matrix), exact readout")
-    for name in ("default", "default_run", "default_run4"):
+    for name in ("default", *_DEFAULT_BATCH_ROWS):
         if name not in scores:
             continue
         scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + dsec + rsec
@@ -603,9 +605,9 @@ def project_one(seed, args, log):
     c_src = with_readout(stacked(cb["source"]), r, rcols)
     c_tgt = dataclasses.replace(stacked(cb["target"]), preconditioned=True)
     add("default", lambda: estimate_subsets(c_src, c_tgt, SA, AnalysisConfig(), run=run), "callback")
-    for name, orders in (("default_run", 1), ("default_run4", 4)):
-        add(name, lambda orders=orders: estimate_subsets(c_src, c_tgt, SA, replace(
-            AnalysisConfig(), simulate_batches="run", simulate_batch_orders=orders), run=run), "callback")
+    for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
+        add(name, lambda kind=kind, orders=orders: estimate_subsets(c_src, c_tgt, SA, replace(
+            AnalysisConfig(), simulate_batches=kind, simulate_batch_orders=orders), run=run), "callback")
     for kind in getattr(args, "project_extra_kinds", ()):  # the same estimator on other features of its size
         eff = projector_for_model(model, kind, k0, 0).with_scale(scale)
         eff = getattr(eff, "effective_scale", lambda: None)() or scale  # what the features applied

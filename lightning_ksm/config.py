@@ -53,7 +53,7 @@ WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("auto", "adam", "preconditioned")
-SIMULATE_BATCHES = ("full", "run")  # the simulated run's gradients: every sample, or the run's minibatches
+SIMULATE_BATCHES = ("full", "run", "reduced")  # every sample; the run's minibatches; those, variance-reduced
 GRAD_ENGINES = ("hooks", "vmap")  # how per-sample gradients are formed for a per-sample projection
 PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
 CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
@@ -293,9 +293,11 @@ class AnalysisConfig(_Settings):
         "are, else adam)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
     simulate_batches: str = setting(
         "full", "with estimator=simulate, the gradients of each simulated step: full (every sample of "
-        "the subset: the mean over batch orders, O(n) per step, so O(n^2 / batch) per epoch) or run "
-        "(minibatches of the run's batch size in a seeded shuffled order, as training draws them: "
-        "O(batch) per step, O(n) per epoch); docs/gradex.md", one_of(SIMULATE_BATCHES), choices=SIMULATE_BATCHES)
+        "the subset: the mean over batch orders, O(n) per step, so O(n^2 / batch) per epoch), run "
+        "(minibatches of the run's batch size in seeded shuffled orders, as training draws them: O(n) "
+        "per epoch) or reduced (those minibatches with the variance reduced by one full-batch gradient "
+        "per epoch, SVRG: estimates what full does, O(n) per epoch); docs/gradex.md",
+        one_of(SIMULATE_BATCHES), choices=SIMULATE_BATCHES)
     simulate_batch_orders: int = setting(
         4, "with simulate_batches=run, the batch orders (seeded shuffles) simulated and averaged: one "
         "order is one noisy draw of the run, the mean over several is closer to the mean over batch "

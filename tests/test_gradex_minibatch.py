@@ -130,6 +130,6 @@ def test_the_setting_is_checked_and_reaches_simulate(setting):
     run = {"optimizer": OPTIMIZERS["sgd"][1], "steps": 5, "batch_size": 16}
     cfg = AnalysisConfig(estimator="simulate", simulate_batches="run", calibrate="none")
     res = estimate_subsets(src, tgt, S, cfg, run=run)
-    assert res.extras["batches"] == {"per_step": 16, "orders": 4, "seed": 0}  # simulate_batch_orders' default
+    assert res.extras["batches"] == {"kind": "run", "per_step": 16, "orders": 4, "seed": 0}  # simulate_batch_orders' default
     with pytest.raises(ValueError, match="simulate_batch_orders"):
         AnalysisConfig(simulate_batch_orders=0).validate()

@@ -75,14 +75,27 @@ class BatchPlan:
     running: np.ndarray
     W: torch.Tensor
     perm: np.ndarray
+    reduced: bool = False  # the variance reduced (simulate_batches="reduced")
 
     def gradient(self, src, readout: Optional[torch.Tensor]):
         """``gradient(Z, t) -> (g (k, a), q (T_r, a) or None)``: window ``t``'s part of the gradient of
         the first ``a = Z.shape[1]`` subsets' batches; only the window's rows are evaluated, for all
-        subsets in one matrix product."""
+        subsets in one matrix product. With ``reduced``, the variance reduced (SVRG): each epoch
+        takes a full-batch gradient at its starting point ``Z_ref``, and a batch's gradient becomes
+        ``g_B(Z) - g_B(Z_ref) + g(Z_ref)``, the full-batch gradient up to the batch's noise in the
+        change since the epoch began."""
         J2 = src.Jf.view(src.n, src.C * src.k)
         C, k = src.C, src.k
         epoch = {}  # the epoch's rows in its order, gathered once (a window is then a slice)
+        reduced = self.reduced
+
+        def part(s0, s1, Z, w):  # (J_W^T (g w), readout's q, g w) of rows s0:s1 at Z
+            L, a = s1 - s0, Z.shape[1]
+            JW = epoch["J"][s0:s1].view(L * C, k)
+            P = epoch["f0"][s0:s1] + (JW @ Z).view(L, C, a)
+            g = src.loss.grad_and_curv(P, epoch["y"][s0:s1])[0] * w[:, None, :]
+            q = None if readout is None else torch.einsum("nct,nca->ta", epoch["r"][s0:s1], g)
+            return JW, g, q
 
         def grad(Z, t):
             a = Z.shape[1]
@@ -91,13 +104,24 @@ class BatchPlan:
                 order = self.orders[e]
                 epoch.update(e=e, J=J2[order], f0=src.f0[order], y=src.y[order], W=self.W[order],
                              r=None if readout is None else readout[order])
-            L = s1 - s0
-            JW = epoch["J"][s0:s1].view(L * C, k)
-            P = epoch["f0"][s0:s1] + (JW @ Z).view(L, C, a)
+                if reduced:  # the epoch's reference point and its full-batch gradient
+                    epoch["ref"] = Z.clone()
+                    epoch["full"], epoch["qfull"] = 0.0, 0.0
+                    for c0 in range(0, src.n, 4096):
+                        c1 = min(src.n, c0 + 4096)
+                        JW, g, q = part(c0, c1, Z, epoch["W"][c0:c1, :a])
+                        epoch["full"] = epoch["full"] + JW.T @ g.reshape(-1, a)
+                        epoch["qfull"] = epoch["qfull"] + (0.0 if q is None else q)
             w = epoch["W"][s0:s1, :a] * self.mult[t, :a]
-            g = src.loss.grad_and_curv(P, epoch["y"][s0:s1])[0] * w[:, None, :]
-            out = JW.T @ g.reshape(L * C, a)
-            q = None if readout is None else torch.einsum("nct,nca->ta", epoch["r"][s0:s1], g)
+            if not reduced:
+                JW, g, q = part(s0, s1, Z, w)
+                return JW.T @ g.reshape(-1, a), q
+            JW, g, q = part(s0, s1, torch.cat([Z, epoch["ref"][:, :a]], 1), torch.cat([w, w], 1))
+            g = g[:, :, :a] - g[:, :, a:]
+            ends = self.stepping[t, :a].to(Z.dtype)  # the reference's full gradient, once per step
+            out = JW.T @ g.reshape(-1, a) + epoch["full"][:, :a] * ends
+            if q is not None:
+                q = q[:, :a] - q[:, a:] + epoch["qfull"][:, :a] * ends
             return out, q
         return grad
 

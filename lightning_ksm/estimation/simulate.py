@@ -328,8 +328,9 @@ def simulate(
     draws = epoch_draws(run, source.task_names, src.counts)  # what the run drew per epoch, if recorded
     steps = subset_steps(run, n_s, draws, S_all)
     A = subset_weights(S_all, src.counts, weighting, draws)  # (m + 1, K)
-    per_step = effective_batch(run, draws) if batches == "run" else None
+    per_step = effective_batch(run, draws) if batches != "full" else None
     per_epoch = None if per_step is None else epoch_steps(run, n_s, draws, S_all, per_step)
+    n_orders = batch_orders if batches == "run" and per_step is not None else 1  # "reduced": one order
     tid = torch.as_tensor(src.task_ids, device=device)
     cols = [tgt.names.index(c) for c in read]
     linear_parts = []  # (exact, projected) first-order changes of the all-tasks row
@@ -343,13 +344,14 @@ def simulate(
             return _run(src, lrs, steps[rows], spec, adam_as, W=W, readout=rd)
         plan = batch_plan(A[rows], src.task_ids, steps[rows], per_epoch[rows], per_step, batch_seed + order,
                           device, dtype)
+        plan.reduced = batches == "reduced"
         Z, R = _run(src, lrs[:, plan.perm], steps[rows][plan.perm], spec, adam_as, readout=rd, plan=plan)
         back = np.argsort(plan.perm)  # the columns in the order of rows again
         return Z[:, back], R[:, back]
 
     def losses_for(rows: np.ndarray, scale: float):
         lo, acc = 0.0, 0.0
-        for order in range(batch_orders if per_step is not None else 1):  # the mean over batch orders
+        for order in range(n_orders):  # the mean over batch orders
             Z, R = trajectory(rows, scale, order, True)
             Z = Z.to(torch.float64)
             lo_r, acc_r, _ = tgt.evaluate(Z, True, None)
@@ -361,7 +363,6 @@ def simulate(
                     linear_parts.append((R[:, at].to(torch.float64).cpu().numpy(), lin[:, at].cpu().numpy()))
             lo = lo + lo_r
             acc = None if acc_r is None else acc + acc_r
-        n_orders = batch_orders if per_step is not None else 1
         return lo / n_orders, (None if acc is None else acc / n_orders)
 
     def all_tasks_loss(c: float) -> float:
@@ -394,7 +395,7 @@ def simulate(
                 "exact_readout": list(read), "effect_scale": effect, "all_tasks_change": changes,
                 "readout_vs_projected": ({c: float(linear_parts[-1][0][i] / linear_parts[-1][1][i])
                                           for i, c in enumerate(read)} if linear_parts else {}),
-                "batches": ({"per_step": per_step, "orders": batch_orders, "seed": batch_seed}
+                "batches": ({"kind": batches, "per_step": per_step, "orders": n_orders, "seed": batch_seed}
                             if per_step is not None else "full"),
                 "all_tasks_estimate": dict(zip(tgt.names, losses[-1].tolist()))},
     )
