@@ -7,7 +7,8 @@ projection draws, preconditioned with the exact target readout (2 columns), marg
 subsets at p = 0.75 (+ the all-tasks run), the watched run recorded as 3 epochs of Adam at batch
 64; 1,000 target samples. ``simulate_batches="full"`` (every sample at every simulated step) and
 ``"run"`` (the run's minibatches; ``run``: one batch order, ``run4``: the mean over four,
-``simulate_batch_orders=4``) are timed in the same process, one thread (``torch`` and BLAS),
+``simulate_batch_orders=4``) and ``"reduced"`` (those minibatches with SVRG's variance reduction)
+are timed in the same process, one thread (``torch`` and BLAS),
 in CPU seconds of the process (the machine is shared: wall time would count the neighbours; the
 training epoch is the best of two).
 The features are random (the cost does not depend on their values; the harvest, a per-sample
@@ -82,7 +83,7 @@ def features(n: int, k: int, draws: int, seed: int, source: bool) -> HarvestedFe
                              task_names=names, mode="margin", preconditioned=True, projection_draws=draws, **extra)
 
 
-VARIANTS = {"full": ("full", 1), "run": ("run", 1), "run4": ("run", 4)}  # simulate_batches, batch orders
+VARIANTS = {"full": ("full", 1), "run": ("run", 1), "run4": ("run", 4), "reduced": ("reduced", 1)}  # simulate_batches, batch orders
 
 
 def analysis(n: int, variant: str) -> float:
@@ -114,7 +115,7 @@ def main(argv=None):
     rows = []
     for n in args.n:
         row = {"n": n, "training_epoch_seconds": min(training_epoch(n) for _ in range(2))}
-        for batches in ("run", "run4", "full"):
+        for batches in ("run", "run4", "reduced", "full"):
             if batches == "full" and n > args.full_max:
                 continue
             sec = analysis(n, batches)
@@ -124,7 +125,7 @@ def main(argv=None):
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     out = {"rows": rows}
-    for batches in ("run", "run4", "full"):
+    for batches in ("run", "run4", "reduced", "full"):
         done = [r for r in rows if f"{batches}_seconds" in r]
         if len(done) >= 2:
             ns = [r["n"] for r in done]
