@@ -13,10 +13,12 @@ subset ``s`` at once, the optimizer of the recorded training run on that lineari
   the subset's share of the samples drawn (:mod:`.epochs`; without per-epoch records
   ``epochs x ceil(n_s / (batch_size x accumulation x world_size))``), growing with the subset's
   data; a recorded per-step schedule is stretched over each subset's steps;
-- full-batch gradients of the subset's weighted mean loss (``weighting``), one matrix product for
-  all subsets per step (no minibatch noise: the estimate is of the mean over batch orders); where
-  the run drew only part of the data per epoch, each task's samples weighted by how often they
-  were drawn.
+- ``batches="full"``: full-batch gradients of the subset's weighted mean loss (``weighting``), one
+  matrix product for all subsets per step (no minibatch noise: the estimate is of the mean over
+  batch orders; O(n) per step, O(n^2 / b) per epoch); where the run drew only part of the data per
+  epoch, each task's samples weighted by how often they were drawn. ``"run"``: the run's
+  minibatches (:mod:`.batches`, O(n) per epoch), averaged over ``batch_orders``; ``"reduced"``:
+  those with SVRG's variance reduction.
 
 ``adam_as`` chooses what an Adam-type optimizer becomes in the projected space:
 ``"adam"`` runs Adam coordinate-wise on z (the projected coordinates are random mixtures of the
