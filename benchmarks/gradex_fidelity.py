@@ -58,6 +58,11 @@ from lightning_ksm.surrogates import KernelSurrogate  # noqa: E402
 from recipes import modular_arithmetic as ma  # noqa: E402
 
 ROOT = os.path.join("runs", "gradex_fidelity")
+# simulate_readout_effect with the run's minibatches (one batch order, and the mean over four)
+# the callback's defaults with simulate_batches (kind, batch orders) other than full
+_DEFAULT_BATCH_ROWS = {"default_run": ("run", 1), "default_run4": ("run", 4), "default_reduced": ("reduced", 1)}
+_RUN_BATCH_ROWS = {"simulate_readout_effect_run": {"batches": "run"},
+                   "simulate_readout_effect_run4": {"batches": "run", "batch_orders": 4}}
 LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -227,6 +232,8 @@ def _cached(path, compute):
 class _Rows(dict):
     """Estimator rows whose values are computed once and cached under ``directory``."""
 
+    only = None  # --only-rows: the names computed (None: all)
+
     def __init__(self, directory):
         super().__init__()
         self.directory = directory
@@ -236,6 +243,8 @@ class _Rows(dict):
         super().__setitem__(name, value)
 
     def lazy(self, name, compute):
+        if self.only is not None and name not in self.only:
+            return
         self[name] = _cached(os.path.join(self.directory, name + ".json"), compute)
 
 
@@ -296,11 +305,16 @@ def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam
         rows.lazy("simulate_readout", timed(lambda: col(simulate(r_src[0], r_tgt[0], SA, run))))
         rows.lazy("simulate_readout_effect", timed(lambda: col(simulate(r_src[0], r_tgt[0], SA, run,
                                                                         calibrate="effect"))))
+        for name, kw in _RUN_BATCH_ROWS.items():  # the run's minibatches (issue #25 item 1)
+            rows.lazy(name, timed(lambda kw=kw: col(simulate(r_src[0], r_tgt[0], SA, run, calibrate="effect", **kw))))
         rows.lazy("simulate_readout_draws", timed(lambda: np.mean(
             [col(simulate(s, t, SA, run, calibrate="effect")) for s, t in zip(r_src, r_tgt)], 0)))
     cfg = AnalysisConfig()
     if callback_default is not None:  # the callback's defaults: its k, its features, AnalysisConfig()
         rows.lazy("default", timed(lambda: col(estimate_subsets(*callback_default, SA, cfg, run=run))))
+        for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
+            rows.lazy(name, timed(lambda kind=kind, orders=orders: col(estimate_subsets(
+                *callback_default, SA, replace(cfg, simulate_batches=kind, simulate_batch_orders=orders), run=run))))
     return rows
 
 
@@ -442,14 +456,16 @@ def modular_one(cfg, op, seed, args, log):
     tfeats[pname] = pre_tgt[0]
     projectors[pname] = (projector_for_model(model, "sjlt", k, 0), scale)
     t0 = time.perf_counter()
-    oracle = modular_oracle(model, w0, data, os.path.join(tr["run_dir"], "dw"), S, tfeats, projectors)
+    if _Rows.only is not None and not any(n.startswith("oracle") for n in _Rows.only):
+        projectors = None  # --only-rows without oracle rows
+    oracle = {} if projectors is None else modular_oracle(model, w0, data, os.path.join(tr["run_dir"], "dw"), S, tfeats, projectors)
     log(f"[{op} seed {seed}] oracle rows {time.perf_counter() - t0:.0f}s")
     scores = _score_rows(S, rows, truth, obs["losses"]["all"], fit, ev, hsec,
                          extra={f"oracle_{k2}" if not k2.startswith("oracle") else k2: v for k2, v in oracle.items()})
     for name in ("simulate_precond", "simulate_precond_draws", "simulate_precond_calibrated", "simulate_precond_tuned"):
         if name in scores:
             scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec
-    for name in ("simulate_readout", "simulate_readout_effect", "simulate_readout_draws"):
+    for name in ("simulate_readout", "simulate_readout_effect", "simulate_readout_draws", *_RUN_BATCH_ROWS):
         if name in scores:
             scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + psec + rsec
     for kk in larger:
@@ -460,9 +476,11 @@ def modular_one(cfg, op, seed, args, log):
         scores[f"factorized{kf}_readout"]["features"] = (f"factorized k = {kf} per parameter "
                                                           f"({factorized[kf][0][0].proj_dim} dims), preconditioned "
                                                           "(rank one per matrix), exact readout")
-    if "default" in scores:
-        scores["default"]["seconds_with_harvest"] = scores["default"]["seconds"] + dsec + rsec
-        scores["default"]["features"] = (f"the callback's defaults: sjlt k = {k0} x {n0} draws, preconditioned, "
+    for name in ("default", *_DEFAULT_BATCH_ROWS):
+        if name not in scores:
+            continue
+        scores[name]["seconds_with_harvest"] = scores[name]["seconds"] + dsec + rsec
+        scores[name]["features"] = (f"the callback's defaults: sjlt k = {k0} x {n0} draws, preconditioned, "
                                          "exact readout")
     retrain_s = float(np.sum(tr["reals"][0].seconds))
     surrogate_on_real = None
@@ -571,6 +589,8 @@ def project_one(seed, args, log):
     r_tgt = dataclasses.replace(feats["sjlt256-margin-pre"][1], preconditioned=True)
     add("simulate_readout", lambda: simulate(r_src, r_tgt, SA, run), "readout")
     add("simulate_readout_effect", lambda: simulate(r_src, r_tgt, SA, run, calibrate="effect"), "readout")
+    for name, kw in _RUN_BATCH_ROWS.items():
+        add(name, lambda kw=kw: simulate(r_src, r_tgt, SA, run, calibrate="effect", **kw), "readout")
     # the callback's defaults (its k and draws, preconditioned, exact readout, AnalysisConfig())
     k0, n0 = HarvestConfig().proj_dim, HarvestConfig().proj_draws
     cb = {"source": [], "target": []}
@@ -585,6 +605,9 @@ def project_one(seed, args, log):
     c_src = with_readout(stacked(cb["source"]), r, rcols)
     c_tgt = dataclasses.replace(stacked(cb["target"]), preconditioned=True)
     add("default", lambda: estimate_subsets(c_src, c_tgt, SA, AnalysisConfig(), run=run), "callback")
+    for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
+        add(name, lambda kind=kind, orders=orders: estimate_subsets(c_src, c_tgt, SA, replace(
+            AnalysisConfig(), simulate_batches=kind, simulate_batch_orders=orders), run=run), "callback")
     for kind in getattr(args, "project_extra_kinds", ()):  # the same estimator on other features of its size
         eff = projector_for_model(model, kind, k0, 0).with_scale(scale)
         eff = getattr(eff, "effective_scale", lambda: None)() or scale  # what the features applied
@@ -709,7 +732,7 @@ def main(argv=None):
     ap.add_argument("--batch-seeds", nargs="+", default=["2"],
                     help="real retrainings of every subset (batch seeds), 'N' or 'op:N', per W0 seed")
     ap.add_argument("--draws", type=int, default=2, help="projection draws averaged in the *_draws rows")
-    ap.add_argument("--oracle-k", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--oracle-k", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--oracle-factorized-k", type=int, nargs="*", default=[256, 1024],
                     help="per-parameter budgets of the factorized projection in the oracle rows")
     ap.add_argument("--project-subsets", type=int, default=60)
@@ -721,7 +744,11 @@ def main(argv=None):
                          "(W0 seed 0 only)")
     ap.add_argument("--ops", nargs="+", default=["add", "quad"])
     ap.add_argument("--tables", metavar="RESULTS_JSON")
+    ap.add_argument("--only-rows", nargs="*", default=None,
+                    help="compute only these estimator rows (and no oracle rows unless named): a lean rerun")
+    ap.add_argument("--out", default="gradex_fidelity", help="results file name under benchmarks/results/")
     args = ap.parse_args(argv)
+    _Rows.only = None if args.only_rows is None else set(args.only_rows)
     if args.tables:
         print(format_tables(json.load(open(args.tables))))
         return
@@ -758,11 +785,17 @@ def main(argv=None):
                                "at before the choice; the project's seed 1 was seen after the readout and the "
                                "calibration were chosen, before the draws were (chosen on the modular tuning halves)"),
         },
+        "lean_rerun": None if args.only_rows is None else {
+            "rows": sorted(args.only_rows),
+            "note": (f"a lean run (--only-rows): only these rows, no oracle rows; modular W0 seeds "
+                     f"{list(range(args.seeds))}, {args.subsets} subsets (the first half tunes, the second "
+                     f"evaluates), batch seeds {args.batch_seeds}, projection draws {args.draws}; the design's "
+                     "'shortfall' text describes the full run, not this one")},
         "summary": {key: summarize(rs) for key, rs in runs.items()},
         "runs": runs,
         "total_wall_seconds_this_invocation": time.perf_counter() - start,
     }
-    write_results("gradex_fidelity", results)
+    write_results(args.out, results)
     print(format_tables(results))
 
 

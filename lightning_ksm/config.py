@@ -38,6 +38,7 @@ __all__ = [
     "KERNELS",
     "ESTIMATORS",
     "SIMULATE_ADAM",
+    "SIMULATE_BATCHES",
     "PRECONDITIONS",
     "CALIBRATIONS",
     "TARGET_READOUTS",
@@ -54,6 +55,7 @@ WEIGHTINGS = ("task", "sample")
 KERNELS = ("rbf", "poly", "linear")
 ESTIMATORS = ("auto", "simulate", "proximal")
 SIMULATE_ADAM = ("auto", "adam", "preconditioned")
+SIMULATE_BATCHES = ("full", "run", "reduced")  # every sample; the run's minibatches; those, variance-reduced
 GRAD_ENGINES = ("hooks", "vmap")  # how per-sample gradients are formed for a per-sample projection
 PRECONDITIONS = ("auto", "none")  # scale gradients by the watched optimizer's second moments (harvest)
 CALIBRATIONS = ("effect", "none", "loss")  # free constants taken from the observed all-tasks run
@@ -300,6 +302,17 @@ class AnalysisConfig(_Settings):
         "parameters: adam (coordinate-wise on z), preconditioned (first-moment descent, for "
         "features harvested with the run's second moments), auto (preconditioned when the features "
         "are, else adam)", one_of(SIMULATE_ADAM), choices=SIMULATE_ADAM)
+    simulate_batches: str = setting(
+        "full", "with estimator=simulate, the gradients of each simulated step: full (every sample of "
+        "the subset: the mean over batch orders, O(n) per step, so O(n^2 / batch) per epoch), run "
+        "(minibatches of the run's batch size in seeded shuffled orders, as training draws them: O(n) "
+        "per epoch) or reduced (those minibatches with the variance reduced by one full-batch gradient "
+        "per epoch, SVRG: estimates what full does, O(n) per epoch); docs/gradex.md",
+        one_of(SIMULATE_BATCHES), choices=SIMULATE_BATCHES)
+    simulate_batch_orders: int = setting(
+        4, "with simulate_batches=run, the batch orders (seeded shuffles) simulated and averaged: one "
+        "order is one noisy draw of the run, the mean over several is closer to the mean over batch "
+        "orders that full estimates (the cost grows with it; docs/gradex.md)", int_at_least(1))
     target_readout: str = setting(
         "exact", "with estimator=simulate, how the target loss's first-order change is read: exact (the "
         "harvest's exact readout, where it has one: measured better on gentle fine-tuning, worse on long "

@@ -129,7 +129,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         subset_size: Optional[int] = None,
         seed: Optional[int] = None,
         estimator: Optional[str] = None,
-        simulate_adam: Optional[str] = None,
+        simulate_adam: Optional[str] = None, simulate_batches: Optional[str] = None, simulate_batch_orders: Optional[int] = None,
         target_readout: Optional[str] = None,
         calibrate: Optional[str] = None,
         lam: Optional[float] = None,

@@ -41,7 +41,7 @@ def resolve_estimator(config: AnalysisConfig, run: Optional[Mapping]) -> str:
 
 def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subsets: np.ndarray,
                      config: AnalysisConfig, *, run: Optional[Mapping] = None,
-                     progress: bool = False) -> GradExResult:
+                     progress: bool = False, batch_seed: int = 0) -> GradExResult:
     """F^(s) for every subset with the estimator ``config`` selects (see :func:`resolve_estimator`).
 
     ``simulate`` runs the recorded optimizer on the linearized model (:func:`.simulate.simulate`,
@@ -49,7 +49,9 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
     target readout where the features carry it; ``calibrate`` from the observed all-tasks run);
     ``proximal`` is GradEx's converged proximal solve (:func:`.estimate.gradex`, ``lam``,
     ``weighting``). The choice is recorded in ``result.extras["estimator"]``. Features with several
-    projection draws (``projection_draws``) are estimated draw by draw and the estimates averaged.
+    projection draws (``projection_draws``) are estimated draw by draw and the estimates averaged;
+    with ``simulate_batches="run"`` each draw simulates its own batch orders (seeds from
+    ``batch_seed`` on), so their noise averages out too.
     """
     kind = resolve_estimator(config, run)
     draws = int(getattr(source, "projection_draws", 1) or 1)
@@ -57,8 +59,9 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
         if getattr(target, "projection_draws", 1) != draws:
             raise ValueError(f"the source features hold {draws} projection draws, the target features "
                              f"{getattr(target, 'projection_draws', 1)}: harvest both with the same projector")
-        parts = [estimate_subsets(source.draw(i), target.draw(i), subsets, config, run=run, progress=progress)
-                 for i in range(draws)]
+        orders = config.simulate_batch_orders
+        parts = [estimate_subsets(source.draw(i), target.draw(i), subsets, config, run=run, progress=progress,
+                                  batch_seed=batch_seed + i * orders) for i in range(draws)]
         result = parts[0]
         result.losses = np.mean([p.losses for p in parts], axis=0)
         if result.accuracy is not None:
@@ -70,7 +73,9 @@ def estimate_subsets(source: HarvestedFeatures, target: HarvestedFeatures, subse
         return result
     if kind == "simulate":
         result = simulate(source, target, subsets, run, loss=config.loss, adam_as=config.simulate_adam,
-                          calibrate=config.calibrate, use_readout=config.target_readout == "exact")
+                          calibrate=config.calibrate, use_readout=config.target_readout == "exact",
+                          batches=config.simulate_batches, batch_orders=config.simulate_batch_orders,
+                          batch_seed=batch_seed)
     else:
         result = gradex(source, target, subsets, lam=config.lam, loss=config.loss, weighting=config.weighting,
                         progress=progress)

@@ -13,10 +13,12 @@ subset ``s`` at once, the optimizer of the recorded training run on that lineari
   the subset's share of the samples drawn (:mod:`.epochs`; without per-epoch records
   ``epochs x ceil(n_s / (batch_size x accumulation x world_size))``), growing with the subset's
   data; a recorded per-step schedule is stretched over each subset's steps;
-- full-batch gradients of the subset's weighted mean loss (``weighting``), one matrix product for
-  all subsets per step (no minibatch noise: the estimate is of the mean over batch orders); where
-  the run drew only part of the data per epoch, each task's samples weighted by how often they
-  were drawn.
+- ``batches="full"``: full-batch gradients of the subset's weighted mean loss (``weighting``), one
+  matrix product for all subsets per step (no minibatch noise: the estimate is of the mean over
+  batch orders; O(n) per step, O(n^2 / b) per epoch); where the run drew only part of the data per
+  epoch, each task's samples weighted by how often they were drawn. ``"run"``: the run's
+  minibatches (:mod:`.batches`, O(n) per epoch), averaged over ``batch_orders``; ``"reduced"``:
+  those with SVRG's variance reduction.
 
 ``adam_as`` chooses what an Adam-type optimizer becomes in the projected space:
 ``"adam"`` runs Adam coordinate-wise on z (the projected coordinates are random mixtures of the
@@ -49,8 +51,9 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from ..config import CALIBRATIONS, SIMULATE_ADAM
+from ..config import CALIBRATIONS, SIMULATE_ADAM, SIMULATE_BATCHES
 from ..features import HarvestedFeatures
+from .batches import BatchPlan, batch_plan, effective_batch, epoch_steps
 from .checks import check_source_subsets, check_target
 from .epochs import EpochDraws, epoch_draws
 from .estimate import GradExResult, _Target
@@ -144,86 +147,123 @@ class _Source(LinearizedSource):
         super().__init__(feats, loss, device, dtype, len(feats.task_names))
         self.task_ids = np.asarray(feats.task_ids).astype(np.int64)
 
-    def gradient(self, Z: torch.Tensor, W: torch.Tensor, weighted: bool = False):
-        """``(k, m)``: gradient in z of each subset's weighted mean loss (weights W: ``(n, m)``);
-        with ``weighted``, also the weighted output gradients ``(n, C, m)`` it is made of."""
-        P = self.f0 + (self.Jf @ Z).view(self.n, self.C, -1)
-        g, _ = self.loss.grad_and_curv(P, self.y)
-        gw = g * W[:, None, :]
-        out = self.Jf.T @ gw.reshape(self.n * self.C, -1)
-        return (out, gw) if weighted else out
+    def full_gradient(self, W: torch.Tensor, readout: torch.Tensor | None, gram: torch.Tensor | None = None):
+        """``gradient(Z, t) -> (g, q)`` of the first ``a = Z.shape[1]`` subsets' weighted mean loss over
+        every sample (weights W: ``(n, m)``): ``g`` in z ``(k, a)`` (with ``gram``, in the dual
+        coordinates ``(nC, a)``), ``q`` the readout's first-order target change ``(T, a)`` (or None)."""
+        def grad(Z, t):
+            a = Z.shape[1]
+            P = self.f0 + ((self.Jf if gram is None else gram) @ Z).view(self.n, self.C, -1)
+            gw = self.loss.grad_and_curv(P, self.y)[0] * W[:, None, :a]
+            out = gw.reshape(self.n * self.C, -1)
+            q = None if readout is None else torch.einsum("nct,ncm->tm", readout, gw)
+            return (out if gram is not None else self.Jf.T @ out), q
+        return grad
 
 
-def _run(src: _Source, W: torch.Tensor, lrs: torch.Tensor, spec: dict, adam_as: str,
-         readout: torch.Tensor | None = None):
-    """The optimizer's trajectory on z for every subset (columns); returns the final ``(k, m)`` and,
-    with ``readout`` (``(n, C, T)``), the exact first-order target change ``(T, m)`` along it.
+def _where(active, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """The optimizer state of the subsets with a step (lr > 0) updated, the others' kept."""
+    return new if active is True else torch.where(active, new, old)
+
+
+def _put(X: torch.Tensor, a: int, value: torch.Tensor) -> torch.Tensor:
+    """X with its first ``a`` columns set to ``value`` (the value itself when that is all of X)."""
+    if a == X.shape[1]:
+        return value
+    X[:, :a] = value
+    return X
+
+
+def _run(src: _Source, lrs: torch.Tensor, steps: np.ndarray, spec: dict, adam_as: str,
+         W: torch.Tensor | None = None, readout: torch.Tensor | None = None, plan: BatchPlan | None = None):
+    """The optimizer's trajectory on z for every subset (columns, ``steps`` of them each, in
+    decreasing order: a subset that is done stops costing); returns the final ``(k, m)`` and, with
+    ``readout`` (``(n, C, T)``), the exact first-order target change ``(T, m)`` along it. The
+    gradients are full-batch (weights ``W``, ``(n, m)``) or the minibatches of ``plan``.
 
     The readout follows the optimizer's linear filter on the gradients, so it exists only for SGD
     (momentum, Nesterov, weight decay on the weight change) and Adam as ``"preconditioned"``."""
-    m = W.shape[1]
+    m = lrs.shape[1]
     nC = src.n * src.C
     # With a linear filter on the gradients (SGD, Adam as preconditioned first-moment descent) Z stays
     # in the span of the features, Z = Jf^T A: running A (nC x m) against the Gram matrix Jf Jf^T
     # is the same trajectory at nC^2 instead of 2 nC k multiply-adds per step and subset.
-    dual = (spec["kind"] == "sgd" or adam_as == "preconditioned") and nC < 2 * src.k and nC <= _DUAL_MAX_ROWS
-    if dual:
-        gram = src.Jf @ src.Jf.T
-
-        def gradient(X):
-            P = src.f0 + (gram @ X).view(src.n, src.C, -1)
-            gw = src.loss.grad_and_curv(P, src.y)[0] * W[:, None, :]
-            return gw.reshape(nC, -1), gw
+    dual = (plan is None and (spec["kind"] == "sgd" or adam_as == "preconditioned") and nC < 2 * src.k
+            and nC <= _DUAL_MAX_ROWS)
+    if plan is not None:
+        gradient = plan.gradient(src, readout)
     else:
-        def gradient(X):
-            return src.gradient(X, W, weighted=True)
-    Z = torch.zeros(nC if dual else src.k, m, dtype=W.dtype, device=W.device)
+        gradient = src.full_gradient(W, readout, src.Jf @ src.Jf.T if dual else None)
+    Z = torch.zeros(nC if dual else src.k, m, dtype=lrs.dtype, device=lrs.device)
     buf = torch.zeros_like(Z)
     sq = torch.zeros_like(Z)
     wd = spec["weight_decay"]
     b1, b2 = spec["betas"]
     T = 0 if readout is None else readout.shape[2]
-    R = torch.zeros(T, m, dtype=W.dtype, device=W.device)  # gbar_j . dW, per column and subset
+    R = torch.zeros(T, m, dtype=lrs.dtype, device=lrs.device)  # gbar_j . dW, per column and subset
     rbuf = torch.zeros_like(R)
-    for t in range(lrs.shape[0]):
-        lr = lrs[t][None, :]
-        active = (lr > 0).to(Z.dtype)
-        g, gw = gradient(Z)
-        q = torch.einsum("nct,ncm->tm", readout, gw) if T else R  # gbar_j . D (sum_i J_i^T g_i w_i)
+    steps = np.asarray(steps)
+    if plan is not None:  # minibatches: a step's gradient is summed over the windows of its batch
+        G, GR = torch.zeros_like(Z), torch.zeros_like(R)
+        count = torch.zeros(m, dtype=torch.long, device=lrs.device)  # steps taken, per subset
+    for t in range(lrs.shape[0] if plan is None else len(plan.windows)):
+        a = int(np.sum(steps > t)) if plan is None else int(plan.running[t])  # still running: a prefix
+        if a == 0:
+            break
+        z, zb, rr, rb = Z[:, :a], buf[:, :a], R[:, :a], rbuf[:, :a]
+        g, q = gradient(z, t)  # q: gbar_j . D (sum_i J_i^T g_i w_i)
+        if plan is None:
+            lr, c1, c2 = lrs[t, :a][None, :], 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            damp = (1 - spec["dampening"]) if t else 1.0
+        else:
+            g, q = G[:, :a] + g, (GR[:, :a] + q if T else None)
+            stepping = plan.stepping[t, :a]
+            keep = (~stepping).to(g.dtype)  # those whose batch ends here begin a new one
+            G, GR = _put(G, a, g * keep), (_put(GR, a, q * keep) if T else GR)
+            if not bool(stepping.any()):
+                continue
+            cnt = count[:a]
+            lr = lrs.gather(0, cnt.clamp(max=lrs.shape[0] - 1)[None, :]) * stepping
+            c1, c2 = 1 - b1 ** (cnt + 1).to(lr.dtype), 1 - b2 ** (cnt + 1).to(lr.dtype)
+            damp = torch.where(cnt > 0, 1 - spec["dampening"], 1.0).to(lr.dtype)
+            count[:a] += stepping
+        active = lr > 0
+        if bool(active.all()):  # the usual case: no mask to apply
+            active = True
+        q = rr if q is None else q
         if spec["kind"] == "sgd":
             if wd:
-                g = g + wd * Z
-                q = q + wd * R if T else q
+                g = g + wd * z
+                q = q + wd * rr if T else q
             if spec["momentum"]:
-                damp = (1 - spec["dampening"]) if t else 1.0
-                buf = torch.where(active > 0, buf * spec["momentum"] + damp * g, buf)
-                step = g + spec["momentum"] * buf if spec["nesterov"] else buf
+                zb = _where(active, zb * spec["momentum"] + damp * g, zb)
+                step = g + spec["momentum"] * zb if spec["nesterov"] else zb
                 if T:
-                    rbuf = torch.where(active > 0, rbuf * spec["momentum"] + damp * q, rbuf)
-                    rstep = q + spec["momentum"] * rbuf if spec["nesterov"] else rbuf
+                    rb = _where(active, rb * spec["momentum"] + damp * q, rb)
+                    rstep = q + spec["momentum"] * rb if spec["nesterov"] else rb
             else:
                 step, rstep = g, q
-            Z = Z - lr * step
+            Z, buf = _put(Z, a, z - lr * step), _put(buf, a, zb)
             if T:
-                R = R - lr * rstep
+                R, rbuf = _put(R, a, rr - lr * rstep), _put(rbuf, a, rb)
             continue
         if wd and not spec["decoupled"]:
-            g = g + wd * Z
-            q = q + wd * R if T else q
+            g = g + wd * z
+            q = q + wd * rr if T else q
         if wd and spec["decoupled"]:
-            Z = Z * (1 - lr * wd)
-            R = R * (1 - lr * wd)
-        buf = torch.where(active > 0, b1 * buf + (1 - b1) * g, buf)
-        c1 = 1 - b1 ** (t + 1)
+            z = z * (1 - lr * wd)
+            rr = rr * (1 - lr * wd)
+        zb = _where(active, b1 * zb + (1 - b1) * g, zb)
+        buf = _put(buf, a, zb)
         if adam_as == "preconditioned":
-            Z = Z - lr * buf / c1
+            Z = _put(Z, a, z - (lr / c1) * zb)
             if T:
-                rbuf = torch.where(active > 0, b1 * rbuf + (1 - b1) * q, rbuf)
-                R = R - lr * rbuf / c1
+                rb = _where(active, b1 * rb + (1 - b1) * q, rb)
+                R, rbuf = _put(R, a, rr - (lr / c1) * rb), _put(rbuf, a, rb)
             continue
-        sq = torch.where(active > 0, b2 * sq + (1 - b2) * g * g, sq)
-        c2 = 1 - b2 ** (t + 1)
-        Z = Z - lr * (buf / c1) / (torch.sqrt(sq / c2) + spec["eps"])
+        zs = _where(active, b2 * sq[:, :a] + (1 - b2) * g * g, sq[:, :a])
+        sq = _put(sq, a, zs)
+        Z = _put(Z, a, z - lr * (zb / c1) / (torch.sqrt(zs / c2) + spec["eps"]))
     return (src.Jf.T @ Z if dual else Z), R
 
 
@@ -239,6 +279,9 @@ def simulate(
     calibrate: str = "none",
     lr_scale: float = 1.0,
     use_readout: bool = True,
+    batches: str = "full",
+    batch_orders: int = 1,
+    batch_seed: int = 0,
     batch_size: int = 64,
     device="cpu",
     dtype=torch.float32,
@@ -264,6 +307,10 @@ def simulate(
         raise ValueError(f"adam_as must be one of {ADAM_AS}, got {adam_as!r}")
     if calibrate not in CALIBRATIONS:
         raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
+    if batches not in SIMULATE_BATCHES:
+        raise ValueError(f"batches (simulate_batches) must be one of {SIMULATE_BATCHES}, got {batches!r}")
+    if not (isinstance(batch_orders, int) and batch_orders >= 1):
+        raise ValueError(f"batch_orders must be an integer >= 1, got {batch_orders!r}")
     if not isinstance(run, Mapping):
         raise TypeError(f"run must be a run record (a dict), got {type(run).__name__}")
     if adam_as == "auto":
@@ -283,34 +330,59 @@ def simulate(
     draws = epoch_draws(run, source.task_names, src.counts)  # what the run drew per epoch, if recorded
     steps = subset_steps(run, n_s, draws, S_all)
     A = subset_weights(S_all, src.counts, weighting, draws)  # (m + 1, K)
+    per_step = effective_batch(run, draws) if batches != "full" else None
+    per_epoch = None if per_step is None else epoch_steps(run, n_s, draws, S_all, per_step)
+    n_orders = batch_orders if batches == "run" and per_step is not None else 1  # "reduced": one order
     tid = torch.as_tensor(src.task_ids, device=device)
     cols = [tgt.names.index(c) for c in read]
-    linear_parts = []  # (exact, projected) first-order changes, per batch of subsets
+    linear_parts = []  # (exact, projected) first-order changes of the all-tasks row
+
+    def trajectory(rows: np.ndarray, scale: float, order: int, with_readout: bool):
+        """Final Z and readout of the subsets ``rows`` (in decreasing order of steps)."""
+        lrs = torch.as_tensor(scale * _lr_table(run, spec, steps[rows]), device=device, dtype=dtype)
+        rd = readout if with_readout else None
+        if per_step is None:
+            W = torch.as_tensor(A[rows], device=device, dtype=dtype)[:, tid].T  # (n, m_b)
+            return _run(src, lrs, steps[rows], spec, adam_as, W=W, readout=rd)
+        plan = batch_plan(A[rows], src.task_ids, steps[rows], per_epoch[rows], per_step, batch_seed + order,
+                          device, dtype)
+        plan.reduced = batches == "reduced"
+        Z, R = _run(src, lrs[:, plan.perm], steps[rows][plan.perm], spec, adam_as, readout=rd, plan=plan)
+        back = np.argsort(plan.perm)  # the columns in the order of rows again
+        return Z[:, back], R[:, back]
 
     def losses_for(rows: np.ndarray, scale: float):
-        W = torch.as_tensor(A[rows], device=device, dtype=dtype)[:, tid].T  # (n, m_b)
-        lrs = torch.as_tensor(scale * _lr_table(run, spec, steps[rows]), device=device, dtype=dtype)
-        Z, R = _run(src, W, lrs, spec, adam_as, readout)
-        Z = Z.to(torch.float64)
-        lo, acc, _ = tgt.evaluate(Z, True, None)
-        if cols:  # the first-order part read exactly instead of through the projection
-            lin = tgt.linear_part(Z)[cols]
-            lo[:, cols] += (R.to(torch.float64) - lin).T.cpu().numpy()
-            linear_parts.append((R.to(torch.float64).cpu().numpy(), lin.cpu().numpy()))
-        return lo, acc
+        lo, acc = 0.0, 0.0
+        for order in range(n_orders):  # the mean over batch orders
+            Z, R = trajectory(rows, scale, order, True)
+            Z = Z.to(torch.float64)
+            lo_r, acc_r, _ = tgt.evaluate(Z, True, None)
+            if cols:  # the first-order part read exactly instead of through the projection
+                lin = tgt.linear_part(Z)[cols]
+                lo_r[:, cols] += (R.to(torch.float64) - lin).T.cpu().numpy()
+                if len(S_all) - 1 in rows:
+                    at = int(np.nonzero(rows == len(S_all) - 1)[0][0])
+                    linear_parts.append((R[:, at].to(torch.float64).cpu().numpy(), lin[:, at].cpu().numpy()))
+            lo = lo + lo_r
+            acc = None if acc_r is None else acc + acc_r
+        return lo / n_orders, (None if acc is None else acc / n_orders)
+
+    def all_tasks_loss(c: float) -> float:
+        Z = trajectory(np.array([len(S_all) - 1]), c, 0, False)[0].to(torch.float64)
+        return float(tgt.evaluate(Z, False, None)[0][0, -1])
 
     scale = float(lr_scale)
     if calibrate == "loss":
-        scale *= _calibrated_scale(run, lambda c: _all_tasks_loss(S, src, run, spec, weighting, tgt, c,
-                                                                  adam_as, device, dtype, draws))
-    parts_l, parts_a = [], []
-    for b0 in range(0, len(S_all), batch_size):
-        rows = np.arange(b0, min(len(S_all), b0 + batch_size))
-        lo, acc = losses_for(rows, scale)
-        parts_l.append(lo)
-        parts_a.append(acc)
-    losses = np.concatenate(parts_l)
-    acc = None if parts_a[0] is None else np.concatenate(parts_a)[:-1]
+        scale *= _calibrated_scale(run, all_tasks_loss)
+    losses, acc = np.zeros((len(S_all), len(tgt.names))), None
+    # the minibatch path holds no (n, m) products: larger batches of subsets, larger matrix products
+    for rows in _row_batches(steps, batch_size if per_step is None else 4 * batch_size):
+        lo, ac = losses_for(rows, scale)
+        losses[rows] = lo
+        if ac is not None:
+            acc = np.zeros_like(losses) if acc is None else acc
+            acc[rows] = ac
+    acc = None if acc is None else acc[:-1]
     effect, changes = None, None
     if calibrate == "effect":
         losses, effect, changes = _effect_calibrated(losses, tgt, run)
@@ -323,10 +395,19 @@ def simulate(
                 "lr_scale": scale, "steps": {"min": int(steps[:-1].min()), "max": int(steps[:-1].max()),
                                             "all_tasks": int(steps[-1])},
                 "exact_readout": list(read), "effect_scale": effect, "all_tasks_change": changes,
-                "readout_vs_projected": ({c: float(linear_parts[-1][0][i, -1] / linear_parts[-1][1][i, -1])
+                "readout_vs_projected": ({c: float(linear_parts[-1][0][i] / linear_parts[-1][1][i])
                                           for i, c in enumerate(read)} if linear_parts else {}),
+                "batches": ({"kind": batches, "per_step": per_step, "orders": n_orders, "seed": batch_seed}
+                            if per_step is not None else "full"),
                 "all_tasks_estimate": dict(zip(tgt.names, losses[-1].tolist()))},
     )
+
+
+def _row_batches(steps: np.ndarray, size: int) -> list:
+    """The subsets in batches of at most ``size``, in decreasing order of steps: a batch shares its
+    length, and in a batch a subset that is done stops costing."""
+    order = np.argsort(-steps, kind="stable")
+    return [order[b0:b0 + size] for b0 in range(0, len(order), size)]
 
 
 def _readout_columns(source: HarvestedFeatures, tgt: _Target, loss: str, spec: dict, adam_as: str) -> dict:
@@ -366,17 +447,6 @@ def _effect_calibrated(losses: np.ndarray, tgt: _Target, run: Mapping):
             out[:, j] = base[j] + factor * (losses[:, j] - base[j])
         factors[name] = factor
     return out, factors, changes
-
-
-def _all_tasks_loss(S, src, run, spec, weighting, tgt, scale, adam_as, device, dtype, draws) -> float:
-    full = np.ones((1, S.shape[1]), dtype=bool)
-    A = subset_weights(full, src.counts, weighting, draws)
-    W = torch.as_tensor(A, device=device, dtype=dtype)[:, torch.as_tensor(src.task_ids)].T
-    steps = subset_steps(run, full.astype(np.int64) @ src.counts, draws, full)
-    lrs = torch.as_tensor(scale * _lr_table(run, spec, steps), device=device, dtype=dtype)
-    Z = _run(src, W, lrs, spec, adam_as)[0].to(torch.float64)
-    lo, _, _ = tgt.evaluate(Z, False, None)
-    return float(lo[0, -1])
 
 
 def _calibrated_scale(run: Mapping, all_loss) -> float:
