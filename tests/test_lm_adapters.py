@@ -173,3 +173,20 @@ def test_sdpa_attention_keeps_the_exact_readout(tmp_path):
     cb, messages = _fit(tmp_path, LitLM(model), output="sequence")
     assert not [m for m in messages if "exact readout off" in m]
     _check_report(cb)
+
+
+class _Counting(LitLM):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_where_only_vmap_is_left_the_refusal_comes_before_the_first_step_and_names_the_fix(tmp_path):
+    # grad_engine="vmap" runs the model per sample under torch.func.vmap, which transformers' SDPA mask
+    # code refuses: a clear error at train start instead of vmap's own message
+    _Counting.steps = 0
+    with pytest.raises(ValueError, match=r"vmap.*exclude=.*attn_implementation='eager'"):
+        _fit(tmp_path, _Counting(_sdpa(tiny_gpt2())), output="sequence", grad_engine="vmap")
+    assert _Counting.steps == 0

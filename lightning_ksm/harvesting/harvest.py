@@ -159,7 +159,7 @@ class Harvester:
     model. ``chunk_size``: per-sample gradients (for logits: sample-class pairs) held at once.
     ``task_names``: the task order; an id not in it raises (default: the ids seen, sorted).
     ``grad_engine``: how the per-sample gradients are formed for a per-sample projection (sjlt,
-    gaussian, ...): ``"hooks"`` (default) from layer hooks and one batched backward pass for the
+    gaussian, ..., identity): ``"hooks"`` (default) from layer hooks and one batched backward pass for the
     layers :mod:`.hooks` covers, the rest per sample; ``"vmap"``: ``torch.func`` per sample for all
     (the reference path). Both give the same features; the factorized projection always uses hooks.
     """
