@@ -232,7 +232,7 @@ class HarvestConfig(_Settings):
                              "and the others seeds derived from it by a stable hash (no two proj_seed values "
                              "share a draw)", int_at_least(0))
     grad_engine: str = setting(
-        "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/tensorsketch: hooks "
+        "hooks", "how per-sample gradients are formed for sjlt/gaussian/rademacher/tensorsketch/identity: hooks "
         "(layer hooks and one batched backward pass for Linear, Embedding, LayerNorm, BatchNorm, GPT-2 "
         "Conv1D; other parameters, Conv2d weights included, per sample) or vmap (torch.func per "
         "sample, the reference path); the features are the same (docs/gradex.md)", one_of(GRAD_ENGINES), choices=GRAD_ENGINES)

@@ -82,9 +82,8 @@ def _features(model, data, target, projection, k, scale=None):
     x, y, tasks = data
     xt, yt, tt = target
     proj = projector_for_model(model, projection, k, 0)
-    if scale is not None:
-        base = proj.project
-        proj.project = lambda grads: base({n: g * scale[n] for n, g in grads.items()})
+    if scale is not None:  # the gradients scaled before the projection, as the harvest applies a preconditioner
+        proj = proj.with_scale(scale)
     src = harvest(model, [(x, y, tasks)], projector=proj, mode="margin")
     tgt = harvest(model, [(xt, yt, ["target"] * len(yt))], projector=proj, mode="margin")
     readout, cols = exact_readout(model, [(x, y)], [(xt, yt, ["target"] * len(yt))], mode="margin", scale=scale)

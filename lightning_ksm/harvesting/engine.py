@@ -16,7 +16,17 @@ from torch.func import functional_call, grad, vjp, vmap
 from .hf import call_model
 from .outputs import scalarize
 
-__all__ = ["Engine", "tree_leaves", "tree_map", "prepare_tensor"]
+__all__ = ["Engine", "tree_leaves", "tree_map", "prepare_tensor", "harvest_precision"]
+
+# The harvest computes in float32 at least: a model trained in bf16/fp16 (precision="bf16-true") is
+# linearized at its own W0 values, upcast, and its float inputs with them (docs/gradex.md says why).
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def harvest_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is a bf16/fp16 tensor, else as it is."""
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
 
 def tree_leaves(obj, path="inputs"):
     if isinstance(obj, torch.Tensor):
@@ -47,7 +57,7 @@ def tree_map(fn, obj):
 
 
 def prepare_tensor(t: torch.Tensor, device) -> torch.Tensor:
-    t = t.to(device)
+    t = harvest_precision(t.to(device))
     if t.is_inference():  # e.g. made under trainer.validate()'s inference_mode
         t = t.clone()
     return t
@@ -100,6 +110,7 @@ class Engine:
                         f"weights[{n!r}] has shape {tuple(w.shape)}, the model's has {tuple(tensors[n].shape)}"
                     )
                 tensors[n] = w.detach().to(dtype=tensors[n].dtype)
+        tensors = {n: harvest_precision(t) for n, t in tensors.items()}
         self.const = {f"model.{n}": t.to(device) for n, t in tensors.items() if n not in names}
         self.sel = {n: tensors[n].to(device) for n in names}
 

@@ -52,7 +52,7 @@ from .outputs import SequenceMode, check_labels, check_outputs, check_sequence_l
 from .params import select_parameters
 from .projection import IdentityProjector, Projector
 
-__all__ = ["Harvester", "BatchFeatures", "harvest", "exact_gradients", "MODES", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["Harvester", "BatchFeatures", "harvest", "exact_gradients", "uncompiled", "MODES", "DEFAULT_CHUNK_SIZE"]
 
 MODES = OUTPUT_MODES
 DEFAULT_CHUNK_SIZE = HarvestConfig.chunk_size
@@ -117,6 +117,34 @@ def _unpack_batch(batch, batch_index: int):
 
 
 
+@contextlib.contextmanager
+def uncompiled(model: nn.Module):
+    """The original forward pass of every ``torch.compile``d part of ``model`` while the harvest runs.
+
+    A compiled graph is built for training's forward and backward; the harvest's passes (hooks on
+    inner layers, a backward pass that keeps its graph, ``torch.func`` transforms) are not what it was
+    compiled for, and AOTAutograd's donated buffers refuse a retained graph. Covered: a compiled
+    submodule (``torch.compile(net)``, its ``_orig_mod``), ``module.compile()`` and Lightning's
+    compiled LightningModule (``trainer.fit(torch.compile(module))``, its ``_compiler_ctx``)."""
+    restore = []
+    for m in model.modules():
+        ctx = getattr(m, "_compiler_ctx", None)
+        original = ctx.get("original_forward") if isinstance(ctx, dict) else None
+        if original is None and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            original = m._orig_mod.__call__
+        if original is not None and "forward" in vars(m):
+            restore.append((m, "forward", vars(m)["forward"]))
+            m.forward = original
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            restore.append((m, "_compiled_call_impl", m._compiled_call_impl))
+            m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, attr, value in reversed(restore):
+            setattr(m, attr, value)
+
+
 class Harvester:
     """Computes outputs and projected Jacobians of ``model`` at ``weights``, batch by batch.
 
@@ -131,7 +159,7 @@ class Harvester:
     model. ``chunk_size``: per-sample gradients (for logits: sample-class pairs) held at once.
     ``task_names``: the task order; an id not in it raises (default: the ids seen, sorted).
     ``grad_engine``: how the per-sample gradients are formed for a per-sample projection (sjlt,
-    gaussian, ...): ``"hooks"`` (default) from layer hooks and one batched backward pass for the
+    gaussian, ..., identity): ``"hooks"`` (default) from layer hooks and one batched backward pass for the
     layers :mod:`.hooks` covers, the rest per sample; ``"vmap"``: ``torch.func`` per sample for all
     (the reference path). Both give the same features; the factorized projection always uses hooks.
     """
@@ -201,8 +229,9 @@ class Harvester:
         with torch.inference_mode(False):  # W0 copies must be usable by autograd even under validate()
             if projector.kind == "factorized":
                 self.engine = FactorizedEngine(*self._engine_args)
-            elif (grad_engine == "hooks" and projector.kind != "identity"  # identity: d is tiny, per sample is fine
-                  and covered_parameters(model, self.names)[0]):
+            elif grad_engine == "hooks" and covered_parameters(model, self.names)[0]:
+                # identity too (few parameters: LoRA adapters, a head): the hooks need no per-sample
+                # forward pass, which transformers' models do not survive under vmap
                 self.engine = LayerwiseEngine(*self._engine_args)
             else:
                 self.engine = Engine(*self._engine_args)
@@ -211,12 +240,14 @@ class Harvester:
 
     @contextlib.contextmanager
     def session(self):
-        """Eval mode, gradients on (also under ``no_grad`` / ``inference_mode``), RNG state kept."""
+        """Eval mode, gradients on (also under ``no_grad`` / ``inference_mode``), RNG state kept, the
+        model's plain forward pass (:func:`uncompiled`)."""
         training = [(m, m.training) for m in self.model.modules()]
         rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode(False), torch.enable_grad():
+            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode(False), torch.enable_grad(), \
+                    uncompiled(self.model):
                 yield self
         finally:
             for m, flag in training:
@@ -247,16 +278,21 @@ class Harvester:
         check_labels(self.mode if self.mode_name in ("custom", "sequence") else self.mode_name, labels, n,
                      self._n_classes, batch_index)
         try:
-            outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
-        except HookCoverageError as exc:
-            if not isinstance(self.engine, LayerwiseEngine):
+            try:
+                outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
+            except HookCoverageError as exc:
+                if not isinstance(self.engine, LayerwiseEngine):
+                    raise
+                # Caught on the first chunk, before anything was returned: these parameters go through the
+                # per-sample path instead (same projection, so the features do not change).
+                warnings.warn(f"{exc}; they go through the per-sample path instead", stacklevel=2)
+                with torch.inference_mode(False):
+                    self.engine = LayerwiseEngine(*self._engine_args, uncovered=exc.names, warn=False)
+                outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
+        except RuntimeError as exc:
+            if not str(exc).startswith("vmap:"):
                 raise
-            # Caught on the first chunk, before anything was returned: these parameters go through the
-            # per-sample path instead (same projection, so the features do not change).
-            warnings.warn(f"{exc}; they go through the per-sample path instead", stacklevel=2)
-            with torch.inference_mode(False):
-                self.engine = LayerwiseEngine(*self._engine_args, uncovered=exc.names, warn=False)
-            outputs, jac = self.engine.run(inputs, labels, n, self._n_classes, batch_index)
+            raise ValueError(self._vmap_failure(exc)) from exc
         outputs = outputs.detach().cpu().numpy()
         values = self.task_names if self.task_names is not None else canonical_task_names(task_list)
         lookup = {t: i for i, t in enumerate(values)}
@@ -265,6 +301,18 @@ class Harvester:
             labels=stored_labels(self.mode_name, labels, outputs), task_values=list(values),
             task_ids=np.array([lookup[t] for t in task_list], dtype=np.int64), index=index,
         )
+
+
+    def _vmap_failure(self, exc) -> str:
+        """What to do when the model's forward pass does not run under ``vmap`` (e.g. transformers'
+        ``.item()`` checks while it builds an SDPA attention mask)."""
+        fallback = getattr(self.engine, "fallback_names", None)
+        which = (f"the parameters the layer hooks do not cover, {fallback[:5]}," if fallback else
+                 "the selected parameters")
+        return (f"{which} go through the per-sample torch.func (vmap) path, and this model's forward pass does not "
+                f"run under vmap ({str(exc).splitlines()[0][:160]}). Use grad_engine='hooks' (the default) and leave "
+                "out the parameters the hooks do not cover with exclude=, or make the forward pass vmap-safe (for "
+                "transformers models: attn_implementation='eager' on the model's config)")
 
 
 def harvest(

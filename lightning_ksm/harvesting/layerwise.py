@@ -67,4 +67,9 @@ class LayerwiseEngine(HookEngine):
         out += share
 
     def _merge(self, projected, extra):
+        if extra.shape[-1] != projected.shape[-1]:  # identity: the fallback's columns are its parameters'
+            columns = self.projector.columns(self.fallback_names)
+            projected = projected.clone()
+            projected[..., columns] += extra
+            return projected
         return projected + extra  # the fallback's projector is the same maps on its parameters

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import math
 import warnings
 from typing import Mapping, Sequence
@@ -351,9 +352,13 @@ class IdentityProjector(Projector):
 
     def project_part(self, name, x):
         out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
-        offset = sum(self.numels[n] for n in self.names[: self.names.index(name)])
-        out[:, offset: offset + self.numels[name]] = self._scaled(name, x)
+        out[:, self.columns([name])] = self._scaled(name, x)
         return out
+
+    def columns(self, names) -> torch.Tensor:
+        """The positions of ``names``' entries in the flat gradient (a subset's features go there)."""
+        offsets = dict(zip(self.names, itertools.accumulate([0] + [self.numels[n] for n in self.names])))
+        return torch.cat([torch.arange(offsets[n], offsets[n] + self.numels[n]) for n in names])
 
     def _apply_block(self, x, name, block, c0, c1):  # pragma: no cover - project() is overridden
         raise NotImplementedError

@@ -22,8 +22,10 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..task_ids import normalize_task_id
+from .engine import harvest_precision, tree_map
 from .outputs import scalarize
 
 __all__ = ["ReadoutBuilder", "adam_preconditioner", "exact_readout", "preconditioned_projector", "READOUT_MODES"]
@@ -91,7 +93,7 @@ class ReadoutBuilder:
     def _outputs(self, sel, inputs, labels) -> torch.Tensor:
         merged = dict(self.engine.const)
         merged.update({f"model.{n}": t for n, t in sel.items()})
-        out = functional_call(self.engine.fmodel, merged, (inputs,))
+        out = functional_call(self.engine.fmodel, merged, (tree_map(harvest_precision, inputs),))
         if self.mode == "logits":
             return out
         return scalarize(self.engine.mode, out, labels)[:, None]
@@ -167,8 +169,11 @@ class ReadoutBuilder:
         sel = {n: t.detach() for n, t in self.engine.sel.items()}
         parts = []
         for direction in self.directions:
-            _, dout = jvp(lambda p: self._outputs(p, inputs, labels), (sel,),
-                          ({n: direction[n].to(sel[n]) for n in sel},))
+            # scaled_dot_product_attention's fused kernels have no forward-mode derivative; its math
+            # kernel (the same attention, written in ordinary ops) has: SDPA models keep the readout
+            with sdpa_kernel(SDPBackend.MATH):
+                _, dout = jvp(lambda p: self._outputs(p, inputs, labels), (sel,),
+                              ({n: direction[n].to(sel[n]) for n in sel},))
             parts.append(dout.detach().double().cpu().numpy())
         return np.stack(parts, axis=-1)
 
