@@ -111,7 +111,7 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
     else:  # the self-check compared every candidate with the run: its words replace the regime check's
         report.fit_quality["self_check"] = check
         regime, check_notes = self_check_notes(check)
-        record_notes = check_notes + record_notes
+        record_notes = record_notes + check_notes  # the run record's notes qualify the run itself: first
         if check["grade"] in ("direction only", "does not follow"):
             report = withhold_magnitudes(report, regime[0])
     if regime:  # warnings are said first (text, HTML, command line): they qualify every number
