@@ -16,11 +16,12 @@ import time
 import numpy as np
 
 from ._threads import pinned_threads
-from .assemble import assemble_readouts, default_groups
+from .assemble import assemble_readouts, default_groups, withhold_magnitudes
 from .config import AnalysisConfig
 from .estimation import estimate_subsets, resolve_estimator
 from .estimation.checks import diverged_run_notes, linear_regime_notes
 from .estimation.epochs import run_record_notes, undrawn_tasks
+from .estimation.selfcheck import self_check, self_check_notes
 from .features import HarvestedFeatures
 from .quality import holdout_quality
 from .report import AttributionReport
@@ -79,6 +80,8 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
         counts = np.bincount(np.asarray(source.task_ids, dtype=np.int64), minlength=len(source.task_names))
         record_warnings, record_notes = run_record_notes(run, source.task_names, counts, cfg.calibrate, left_out)
     K = len(task_names)
+    # 0. the self-check: which estimator follows the watched run on the all-tasks subset (one subset each)
+    used, check = self_check(source, target, cfg, run)
 
     # 1. subsets; unique when there are enough distinct subsets to draw from.
     unique = cfg.n_possible_subsets(K) >= 2 * cfg.n_subsets
@@ -89,7 +92,7 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
 
     # 2. GradEx: F^(s) for every subset and target column.
     start = time.perf_counter()
-    result = estimate_subsets(source, target, S, cfg, run=(extra_config or {}).get("run"), progress=progress)
+    result = estimate_subsets(source, target, S, used, run=run, progress=progress)
     timings["gradex"] = time.perf_counter() - start
     extra = dict(extra_config or {})
     fit_extra = {"gradex_converged": int(np.sum(result.converged)), "gradex_loss": result.loss,
@@ -101,9 +104,16 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
         S, result.losses, task_names, [str(t) for t in result.target_names], cfg,
         timings=timings, extra_config=extra, extra_fit_quality=fit_extra, loss_lower_bound=0.0, progress=progress,
         # best-subset candidates are re-scored by the same estimator (GradEx) that gave F^
-        rescore=lambda masks: estimate_subsets(source, target, masks, cfg, run=(extra_config or {}).get("run")).losses,
+        rescore=lambda masks: estimate_subsets(source, target, masks, used, run=run).losses,
     )
-    regime = linear_regime_notes(result.extras.get("all_tasks_change"), columns=report.target_names)
+    if check is None:
+        regime = linear_regime_notes(result.extras.get("all_tasks_change"), columns=report.target_names)
+    else:  # the self-check compared every candidate with the run: its words replace the regime check's
+        report.fit_quality["self_check"] = check
+        regime, check_notes = self_check_notes(check)
+        record_notes = record_notes + check_notes  # the run record's notes qualify the run itself: first
+        if check["grade"] in ("direction only", "does not follow"):
+            report = withhold_magnitudes(report, regime[0])
     if regime:  # warnings are said first (text, HTML, command line): they qualify every number
         report.fit_quality["linear_regime"] = False
     fq = report.fit_quality

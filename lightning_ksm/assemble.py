@@ -24,7 +24,9 @@ from .readouts import (
 from .readouts.scores import _ensemble_from, _predict2d
 from .report.text import left_support_reason
 
-__all__ = ["assemble_readouts", "focus_targets", "default_groups"]
+__all__ = ["assemble_readouts", "focus_targets", "default_groups", "withhold_magnitudes", "WITHHELD_METHOD"]
+
+WITHHELD_METHOD = "order"  # the one score method of a report whose magnitudes are withheld
 
 _MAX_INTERACTION_DRAWS = 200_000  # floats per replicate kept for interaction intervals (all targets)
 _MAX_FOCUS_INTERACTIONS = 8
@@ -124,14 +126,19 @@ def assemble_readouts(surrogate, linear, S, F, task_names, target_names, cfg, *,
         entry = {"target": target_names[t]}
         if checked is not None and t in rescored:
             # the recommendation is the candidate GradEx itself rates best for this target
-            gx = [checked[m.tobytes()][t] for m, _ in b.candidates]
-            i = int(np.nanargmin(gx))
+            # a GradEx value the loss cannot take (a cross-entropy below 0) is neither chosen nor shown
+            gx = [float(v) if _ok(v, floor) else None for v in (checked[m.tobytes()][t] for m, _ in b.candidates)]
+            i = int(np.nanargmin([np.nan if v is None else v for v in gx])) if any(v is not None for v in gx) else 0
             mask, pred = b.candidates[i]
-            entry["gradex_loss"] = float(gx[i])
-            entry["full_set_gradex_loss"] = float(checked[np.ones(K, bool).tobytes()][t])
+            full_gx = float(checked[np.ones(K, bool).tobytes()][t])
+            entry["gradex_loss"] = gx[i]
+            entry["full_set_gradex_loss"] = full_gx if _ok(full_gx, floor) else None
+            if any(v is None for v in gx):
+                notes.append(f"GradEx put {sum(v is None for v in gx)} best-subset candidate(s) of target "
+                             f"{target_names[t]!r} below the lowest possible loss ({floor:g}): not shown, not chosen")
             entry["candidates"] = [
                 {"tasks": [task_names[k] for k in np.flatnonzero(m)], "predicted_loss": float(v),
-                 "gradex_loss": float(g)} for (m, v), g in zip(b.candidates, gx)]
+                 "gradex_loss": g} for (m, v), g in zip(b.candidates, gx)]
         entry.update({
             "size": int(mask.sum()),
             "tasks": [task_names[k] for k in np.flatnonzero(mask)],
@@ -253,4 +260,41 @@ def _intervals(surrogate, linear, S, F, E, cfg, best, groups, target_names, task
         entry["predicted_interval"] = [max(float(lo), floor), max(float(hi), floor)]
         gain = full_d[:, served].mean(axis=1) - v
         entry["p_better_than_all"] = float(np.mean(gain > 0))
+    return out
+
+
+def withhold_magnitudes(report, reason: str):
+    """The same report with every magnitude in loss units withheld, for an estimate that does not
+    follow the watched run (:mod:`lightning_ksm.estimation.selfcheck`): the scores become one method,
+    ``"order"`` (K for the task ranked most helpful by the default method, down to 1: an order, not a
+    loss), interactions, intervals and the estimated subset losses are dropped, and every loss of the
+    best subsets and groups is None. ``fit_quality["withheld"]`` says why and what."""
+    from .report import AttributionReport
+
+    K = len(report.task_names)
+    sc = report.scores[report.default_method]
+    order = np.zeros_like(sc)
+    for t in range(sc.shape[1]):
+        key = np.where(np.isnan(sc[:, t]), np.inf, -sc[:, t])
+        order[np.argsort(key, kind="stable"), t] = np.arange(K, 0, -1)
+    loss_keys = ("predicted_loss", "full_set_loss", "gradex_loss", "full_set_gradex_loss", "served_losses",
+                 "member_losses", "all_tasks_loss")
+    drop = ("predicted_interval", "improvement_interval", "candidates", "left_support")
+
+    def blank(entry):
+        out = {k: v for k, v in entry.items() if k not in drop}
+        out.update({k: None for k in loss_keys if k in entry})
+        return out
+
+    fq = dict(report.fit_quality)
+    fq["withheld"] = {"reason": reason, "what": ["scores in loss units (the 'order' method replaces them)",
+                                                 "interactions", "intervals", "estimated subset losses (losses.npy)",
+                                                 "predicted losses of best subsets and groups"]}
+    out = AttributionReport(
+        task_names=report.task_names, target_names=report.target_names, scores={WITHHELD_METHOD: order},
+        default_method=WITHHELD_METHOD, interactions=None, best_subsets=[blank(e) for e in report.best_subsets],
+        groups=[blank(g) for g in report.groups], fit_quality=fq, intervals={}, subsets=report.subsets, losses=None,
+        config=report.config, seeds=report.seeds, timings=report.timings, versions=report.versions,
+        created_at=report.created_at)
+    out.surrogate_, out.linear_surrogate_ = report.surrogate_, report.linear_surrogate_
     return out

@@ -88,9 +88,11 @@ def test_a_mid_epoch_resume_is_recorded_whole_and_the_report_says_what_it_affect
     restarts epoch 1's loader, so the final losses that calibrate="effect" fits every estimate to are
     not an uninterrupted run's; before, the report did not say so (and the record lost the steps and
     lr schedule before the resume)."""
-    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST)
+    # the simulate estimator's steps are the point here (on this problem the self-check would pick proximal)
+    cb = TaskAttribution(dirpath=str(tmp_path / "ksm"), estimator="simulate", **FAST)
     ckpt = _killed_run(str(tmp_path / "run"), cb, epoch=1)
-    resumed = _resume(str(tmp_path / "run"), TaskAttribution(dirpath=str(tmp_path / "ksm"), **FAST), ckpt)
+    resumed = _resume(str(tmp_path / "run"), TaskAttribution(dirpath=str(tmp_path / "ksm"), estimator="simulate",
+                                                             **FAST), ckpt)
     notes = resumed.report.fit_quality.get("notes", [])
     assert notes and "resumed from a mid-epoch checkpoint (epoch 1, step 12)" in notes[0]
     assert "calibrate='effect'" in notes[0] and "calibrate='none'" in notes[0]

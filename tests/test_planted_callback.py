@@ -282,3 +282,17 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(SystemExit, match="not empty"):
         main(["--out", str(tmp_path), "--no-verify"])
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_the_self_check_keeps_the_default_estimator_where_it_follows_the_run(fitted):
+    """Issue 26: on the planted problem the default's linearized all-tasks run follows the watched run,
+    so the self-check grades it "follows", runs no other candidate, and the report is unchanged."""
+    report = fitted[0].report
+    check = report.fit_quality["self_check"]
+    assert check["grade"] == "follows" and check["chosen"] == check["default"] == "simulate"
+    assert list(check["candidates"]) == ["simulate"]
+    ratio = check["candidates"]["simulate"]["worst_ratio"]
+    # inside the rule's 3x (its worst column, pair-a, sits at 0.40: docs/gradex.md)
+    assert 1 / 3 < ratio < 3, ratio
+    assert report.fit_quality["estimator"] == "simulate" and not report.withheld and not report.warnings()
+    assert "ensemble" in report.scores and report.losses is not None

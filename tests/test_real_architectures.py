@@ -102,12 +102,20 @@ def _fit_and_scores(tmp_path, module, train, val, epochs, projection="factorized
                                              DataLoader(val, batch_size=64))
     assert cb.report.config["callback"]["projection"] == projection
     assert cb.report.config["harvest"]["projector"]["kind"] == (used or projection)  # what "auto" became
-    return dict(cb.report.ranked("all"))
+    scores = dict(cb.report.ranked("all"))
+    if cb.report.withheld:  # no estimator followed the run's size (issue 26): only the order is shown
+        scores["withheld"] = cb.report.fit_quality["self_check"]["grade"]
+    return scores
 
 
 def _assert_planted_last_with_margin(scores):
     """The planted task scores below zero (removing it lowers the target loss) and every clean task
-    above it by at least a third of the spread: a rank no rounding difference can flip."""
+    above it by at least a third of the spread: a rank no rounding difference can flip. Where the
+    self-check withheld the magnitudes (the tiny GPT-2: every estimator's all-tasks change is 0.31-0.32
+    of the run's, in its direction) the order alone must put it last."""
+    if scores.pop("withheld", None) == "direction only":
+        assert min(scores, key=scores.get) == str(HARMFUL), scores
+        return
     clean = [v for task, v in scores.items() if task != str(HARMFUL)]
     spread = max(scores.values()) - min(scores.values())
     assert scores[str(HARMFUL)] < 0, scores

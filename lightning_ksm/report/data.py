@@ -300,6 +300,12 @@ class AttributionReport:
         out = [str((fq.get("notes") or ["PARTIAL HARVEST"])[0])] if fq.get("partial_harvest") else []
         return out + [str(w) for w in fq.get("warnings") or []]
 
+    @property
+    def withheld(self) -> dict | None:
+        """Why and what magnitudes are withheld (``fit_quality["withheld"]``): set when no estimator
+        followed the watched run; the scores are then an order, and no loss is given."""
+        return self.fit_quality.get("withheld") or None
+
     # -- rankings --------------------------------------------------------------------------------
 
     def ranked(self, target: str | int | None = None, method: str | None = None) -> list:

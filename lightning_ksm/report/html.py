@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .svg import color_limit, diverging_color, e, heatmap_svg
-from .text import format_number, left_support_reason, strongest_pairs
+from .text import WITHHELD_LINE, format_number, left_support_reason, strongest_pairs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import AttributionReport
@@ -245,7 +245,8 @@ def _ranked_section(report: "AttributionReport", order: list) -> str:
         "<h2>Ranked tasks per target</h2>",
         f'<p class="note">Sorted by the <b>{e(dm)}</b> score. Score = predicted increase of the target '
         "loss when the task is removed: <span class=good>positive = the task helps</span>, "
-        "<span class=bad>negative = it hurts</span>.</p>",
+        "<span class=bad>negative = it hurts</span>.</p>" if not report.withheld else
+        f'<p class="bad">{e(WITHHELD_LINE)}</p>',
     ]
     for t in order:
         target = report.target_names[t]
@@ -279,7 +280,7 @@ def _subset_table(report: "AttributionReport", entries: list) -> str:
         exact = entry.get("exact")
         p = entry.get("p_better_than_all")
         row = [e(entry["target"]), str(len(entry["tasks"])), _tasks_html(entry["tasks"]),
-               _num(pl) + " " + _iv(entry.get("predicted_interval"))]
+               (_num(pl) if pl is not None else "<em>withheld</em>") + " " + _iv(entry.get("predicted_interval"))]
         if gradex:
             row.append(_num(entry.get("gradex_loss")) + (f" (all tasks {_num(entry.get('full_set_gradex_loss'))})"
                                                          if "full_set_gradex_loss" in entry else ""))
@@ -329,7 +330,7 @@ def _groups_section(report: "AttributionReport") -> str:
         if isinstance(pl, dict):
             pl_html = "<br>".join(f"{e(k)}: {_num(v)}" for k, v in pl.items())
         else:
-            pl_html = _num(pl) + " " + _iv(entry.get("predicted_interval"))
+            pl_html = (_num(pl) if pl is not None else "<em>withheld</em>") + " " + _iv(entry.get("predicted_interval"))
         p = entry.get("p_better_than_all")
         rows.append([str(g), _tasks_html(entry["tasks"]), _tasks_html(entry.get("serves", [])), pl_html,
                      _num(entry.get("all_tasks_loss")) if entry.get("all_tasks_loss") is not None else "",
@@ -440,7 +441,7 @@ def render_html(report: "AttributionReport") -> str:
         "white is neutral; the score heatmap has one colour scale per target column. Hover a cell for its "
         "value.</li></ul>",
     ]
-    for t in focus[:3]:
+    for t in focus[:3] if not report.withheld else []:  # withheld: no helps / hurts, only the order below
         body.append(_focus_section(report, t))
     if len(focus) > 3:
         body.append(f'<p class="note">{len(focus) - 3} more targets of interest: see the rankings below.</p>')
@@ -448,8 +449,8 @@ def render_html(report: "AttributionReport") -> str:
 
     sc = report.scores[dm][:, order]
     names = [report.target_names[t] for t in order]
-    body.append(f"<h2>Attribution scores ({e(dm)}), every target</h2>")
-    body.append(
+    body.append(f"<h2>Attribution scores ({e(dm)}), every target</h2>" if not report.withheld else "")
+    body.append("" if report.withheld else
         '<div class="scroll">'
         + heatmap_svg(
             sc, list(report.task_names), names,

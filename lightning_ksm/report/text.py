@@ -13,7 +13,11 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .data import AttributionReport
 
-__all__ = ["render_text", "format_number", "terminal_safe", "interaction_label", "strongest_pairs"]
+__all__ = ["WITHHELD_LINE", "render_text", "format_number", "terminal_safe", "interaction_label", "strongest_pairs"]
+
+
+WITHHELD_LINE = ("MAGNITUDES WITHHELD (the warning above says why): 'order' ranks the tasks, K for the most "
+                 "helpful down to 1; it is an order, not a loss, and no loss is shown")
 
 
 def terminal_safe(text: str) -> str:
@@ -95,7 +99,8 @@ def render_text(
     lines = [
         f"lightning-ksm task attribution: {report.n_tasks} source tasks, {report.n_targets} targets, "
         f"ranked by '{method}'",
-        "score = predicted increase of the target loss when the task is removed (> 0: the task helps)",
+        "score = predicted increase of the target loss when the task is removed (> 0: the task helps)"
+        if not report.withheld else WITHHELD_LINE,
     ]
     for warning in reversed(report.warnings()):  # said first
         lines.insert(0, "WARNING: " + s(warning))
@@ -150,7 +155,9 @@ def render_text(
                   "  (chosen by predicted group losses; each target is served by its best group)"]
         for g, e in enumerate(report.groups, 1):
             pl = e.get("predicted_loss")
-            if isinstance(pl, dict):
+            if pl is None:
+                pl_txt = "withheld"
+            elif isinstance(pl, dict):
                 pl_txt = ", ".join(f"{s(k)}: {format_number(v, '.3g')}" for k, v in pl.items())
             else:
                 pl_txt = format_number(pl, ".3g")
@@ -177,7 +184,7 @@ def left_support_reason(ls: dict) -> str:
 
 def _subset_lines(e: dict, s) -> list:
     how = "" if "exact" not in e else (", exhaustive search" if e["exact"] else ", heuristic search")
-    pl = format_number(e.get("predicted_loss"), ".3g")
+    pl = format_number(e.get("predicted_loss"), ".3g") if e.get("predicted_loss") is not None else "withheld"
     if "predicted_interval" in e:
         pl += " " + _iv(*e["predicted_interval"], spec=".3g")
     extra = ""
