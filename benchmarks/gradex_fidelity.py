@@ -312,6 +312,19 @@ def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam
     cfg = AnalysisConfig()
     if callback_default is not None:  # the callback's defaults: its k, its features, AnalysisConfig()
         rows.lazy("default", timed(lambda: col(estimate_subsets(*callback_default, SA, cfg, run=run))))
+
+        def self_checked():  # what the report uses: the self-check's choice (issue #26), then its estimate
+            from lightning_ksm.estimation.selfcheck import self_check
+
+            t0 = time.perf_counter()
+            chosen_cfg, record = self_check(*callback_default, cfg, run)
+            est = col(estimate_subsets(*callback_default, SA, chosen_cfg, run=run))
+            info = {"chosen": None, "grade": None} if record is None else {
+                "chosen": record["chosen"], "grade": record["grade"],
+                "candidates": {n: {"grade": c.get("grade"), "worst_ratio": c.get("worst_ratio")}
+                               for n, c in record["candidates"].items()}}
+            return est, time.perf_counter() - t0, info
+        rows.lazy("default_selfcheck", self_checked)
         for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
             rows.lazy(name, timed(lambda kind=kind, orders=orders: col(estimate_subsets(
                 *callback_default, SA, replace(cfg, simulate_batches=kind, simulate_batch_orders=orders), run=run))))
