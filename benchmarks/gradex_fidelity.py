@@ -254,6 +254,20 @@ def _timed_plus(fn, extra_seconds):
     return v, time.perf_counter() - t + extra_seconds
 
 
+def self_checked_row(src, tgt, SA, run, extra_seconds: float = 0.0):
+    """What the report uses: the self-check's choice of estimator (issue #26), then its estimate."""
+    from lightning_ksm.estimation.selfcheck import self_check
+
+    t0 = time.perf_counter()
+    chosen_cfg, record = self_check(src, tgt, AnalysisConfig(), run)
+    est = estimate_subsets(src, tgt, SA, chosen_cfg, run=run).column("all")
+    info = {"chosen": None, "grade": None} if record is None else {
+        "chosen": record["chosen"], "grade": record["grade"],
+        "candidates": {n: {"grade": c.get("grade"), "worst_ratio": c.get("worst_ratio")}
+                       for n, c in record["candidates"].items()}}
+    return est, time.perf_counter() - t0 + extra_seconds, info
+
+
 def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam, fit, truth, cache_dir,
                    readout=None, callback_default=None):
     """Every estimator's F^ on the design rows (+ the all-tasks row last); returns {name: (F^, s)}."""
@@ -312,19 +326,7 @@ def run_estimators(S, src_draws, tgt_draws, pre_src, pre_tgt, run, cols, cfg_lam
     cfg = AnalysisConfig()
     if callback_default is not None:  # the callback's defaults: its k, its features, AnalysisConfig()
         rows.lazy("default", timed(lambda: col(estimate_subsets(*callback_default, SA, cfg, run=run))))
-
-        def self_checked():  # what the report uses: the self-check's choice (issue #26), then its estimate
-            from lightning_ksm.estimation.selfcheck import self_check
-
-            t0 = time.perf_counter()
-            chosen_cfg, record = self_check(*callback_default, cfg, run)
-            est = col(estimate_subsets(*callback_default, SA, chosen_cfg, run=run))
-            info = {"chosen": None, "grade": None} if record is None else {
-                "chosen": record["chosen"], "grade": record["grade"],
-                "candidates": {n: {"grade": c.get("grade"), "worst_ratio": c.get("worst_ratio")}
-                               for n, c in record["candidates"].items()}}
-            return est, time.perf_counter() - t0, info
-        rows.lazy("default_selfcheck", self_checked)
+        rows.lazy("default_selfcheck", lambda: self_checked_row(*callback_default, SA, run))
         for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
             rows.lazy(name, timed(lambda kind=kind, orders=orders: col(estimate_subsets(
                 *callback_default, SA, replace(cfg, simulate_batches=kind, simulate_batch_orders=orders), run=run))))
@@ -618,6 +620,7 @@ def project_one(seed, args, log):
     c_src = with_readout(stacked(cb["source"]), r, rcols)
     c_tgt = dataclasses.replace(stacked(cb["target"]), preconditioned=True)
     add("default", lambda: estimate_subsets(c_src, c_tgt, SA, AnalysisConfig(), run=run), "callback")
+    rows.lazy("default_selfcheck", lambda: self_checked_row(c_src, c_tgt, SA, run, hsec["callback"]))
     for name, (kind, orders) in _DEFAULT_BATCH_ROWS.items():
         add(name, lambda kind=kind, orders=orders: estimate_subsets(c_src, c_tgt, SA, replace(
             AnalysisConfig(), simulate_batches=kind, simulate_batch_orders=orders), run=run), "callback")
@@ -643,10 +646,13 @@ def project_one(seed, args, log):
     scores["minus_size"] = score(S, -size, -float(K), truth, obs_loss, fit, ev)
     loo = np.arange(1, K + 1)
     real_effect = truth[loo] - truth[0]  # F(without k) - F(all): > 0 means task k helps
-    for name, (est, seconds) in rows.items():
+    for name, item in rows.items():
+        est, seconds = item[0], item[1]
         e = est[:-1]
         sc = score(S, e, est[-1], truth, obs_loss, fit, ev)
         sc["seconds_with_harvest"] = seconds
+        if len(item) > 2:  # e.g. the self-check's choice
+            sc.update(item[2])
         eff = e[loo] - e[0]
         sc["loo_spearman"] = _spearman(eff, real_effect)
         sc["harmful_effect_ratio"] = {names[t]: float(eff[t] / real_effect[t]) for t in HARMFUL}
