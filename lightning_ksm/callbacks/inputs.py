@@ -12,7 +12,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from ..harvesting.batches import as_loader_list
 from ..harvesting.scan import check_label_range, scan_data, with_group_readers
 
-__all__ = ["named_plan", "check_data", "callback_warnings", "enabled"]
+__all__ = ["check_settings", "named_plan", "check_data", "callback_warnings", "enabled"]
 
 
 def enabled(trainer, *, warn: bool = False) -> bool:
@@ -109,3 +109,17 @@ def callback_warnings():
                            "problem better conditioned", category=GradExConvergenceWarning)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def check_settings(harvest, analysis, task_names) -> None:
+    """Every setting, and the pairs that only fail together, at construction (never after training)."""
+    harvest.validate()
+    analysis.validate(len(set(task_names)) if task_names is not None else None)
+    if callable(harvest.output) and analysis.loss is None:
+        raise ValueError(
+            "a callable output (output=fn, one scalar per sample) has no default GradEx loss: pass loss= one of "
+            "'logistic' (the scalar is a log-odds against a 0/1 label) or 'squared' (a regression of the label); "
+            "for a language model's token labels use output='sequence' instead")
+    if callable(harvest.output) and analysis.loss == "cross_entropy":
+        raise ValueError("loss='cross_entropy' needs a vector of logits per sample, but a callable output gives one "
+                         "scalar per sample: pass loss='logistic' or 'squared'")

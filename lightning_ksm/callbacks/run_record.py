@@ -144,8 +144,10 @@ class _FirstNonFiniteLoss:
         return {"epoch": epoch, "batch": first - self._offsets[epoch]}
 
 
-def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: str,
-                     sequence_labels: str = "causal") -> torch.Tensor:
+def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode,
+                     sequence_labels: str = "causal", loss: Optional[str] = None) -> torch.Tensor:
+    if callable(output_mode):  # the user's scalar per sample under the GradEx loss it is analysed with
+        outputs, output_mode = output_mode(outputs, labels), {"logistic": "logistic", "squared": "regression"}[loss]
     if output_mode == "sequence":  # the mean token loss of each sample, as the harvest linearizes it
         return sequence_losses(outputs.float(), labels, sequence_labels == "causal")[0]
     if output_mode == "regression":
@@ -157,8 +159,9 @@ def _loss_per_sample(outputs: torch.Tensor, labels: torch.Tensor, output_mode: s
 
 
 @torch.no_grad()
-def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode: str = "margin",
-                        device=None, world: Optional[int] = None, sequence_labels: str = "causal") -> dict:
+def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode="margin",
+                        device=None, world: Optional[int] = None, sequence_labels: str = "causal",
+                        loss: Optional[str] = None) -> dict:
     """Mean loss of ``module`` on the target loaders, per target task id and ``"all"`` (the loss
     GradEx models: cross-entropy for margin / logits, squared error, binary cross-entropy, the mean
     token cross-entropy per sample for sequence), added over the DDP ranks (``world``: the trainer's
@@ -179,7 +182,7 @@ def final_target_losses(module, loaders, reader, *, forward_fn=None, output_mode
                 inputs, labels, tasks = reader.read(batch)
                 inputs = to_device(inputs, device)
                 out = call_model(module, inputs, forward_fn)
-                losses = _loss_per_sample(out, labels.to(out.device), output_mode, sequence_labels).double().cpu()
+                losses = _loss_per_sample(out, labels.to(out.device), output_mode, sequence_labels, loss).double().cpu()
                 task_list = tasks.tolist() if isinstance(tasks, torch.Tensor) else list(tasks)
                 for value, task in zip(losses.tolist(), task_list):
                     key = str(task)
@@ -388,8 +391,8 @@ def record_run_end(callback, trainer, pl_module) -> Optional[dict]:
         disp = weight_displacement(pl_module, callback._w0, callback._param_names) if callback._w0 else None
         targets = [dl for split, dl in callback._plan(trainer) if split == "target"]
         losses = final_target_losses(pl_module, targets, callback.reader, forward_fn=callback.forward_fn,
-                                     output_mode=callback.harvest.output_name, world=trainer.world_size,
-                                     sequence_labels=callback.harvest.sequence_labels)
+                                     output_mode=callback.harvest.output, world=trainer.world_size,
+                                     sequence_labels=callback.harvest.sequence_labels, loss=callback.analysis.loss)
         recorder.finish(trainer, displacement=disp, final_losses=losses,
                         nonfinite_params=nonfinite_parameters(pl_module, callback._param_names))
     except Exception as exc:  # noqa: BLE001 - the record is optional; the analysis still runs

@@ -33,7 +33,7 @@ from ..harvesting.batches import BatchReader
 from ..harvesting.params import select_parameters
 from ..harvesting.runner import HarvestRunner
 from .base import AttributionCallbackBase
-from .inputs import callback_warnings, check_data, enabled, named_plan
+from .inputs import callback_warnings, check_data, check_settings, enabled, named_plan
 from .snapshot import MissingSnapshotError, check_finite_w0, checkpoint_weights, find_w0, parse_snapshot, weights_from_file
 from .run_record import RunRecorder, record_run_end
 from .ranks import check_same_data, on_all_ranks
@@ -159,8 +159,7 @@ class TaskAttributionMixin(AttributionCallbackBase):
         self.analysis = _with_overrides(AnalysisConfig, analysis, {k: flat[k] for k in _ANALYSIS_FIELDS}, "analysis")
         self.task_names = list(task_names) if task_names is not None else None
         # Every setting fails here, not after training (those bounded by K once K is known).
-        self.harvest.validate()
-        self.analysis.validate(len(set(self.task_names)) if self.task_names is not None else None)
+        check_settings(self.harvest, self.analysis, self.task_names)
         self.reader = BatchReader(input_key=input_key, label_key=label_key, task_key=task_key)
         if not (isinstance(source, str) and source == "train") and not hasattr(source, "dataset"):
             raise ValueError(f"source must be 'train' or a DataLoader, got {source!r}")

@@ -140,6 +140,11 @@ def check_labels(mode, labels: torch.Tensor, n: int, n_classes: int | None, batc
     if callable(mode):
         if labels.dim() == 0 or labels.shape[0] != n:
             raise ValueError(f"{where}: labels of shape {tuple(labels.shape)} need a batch dim of {n}")
+        if labels.numel() != n:  # GradEx's loss= reads one label per sample against the scalar output
+            raise ValueError(
+                f"{where}: a callable output gives one scalar per sample, so GradEx's loss needs one label per "
+                f"sample (shape ({n},)), got labels of shape {tuple(labels.shape)}; for a language model's token "
+                "labels use output='sequence'")
         return
     if mode in ("regression", "logistic"):
         if labels.numel() != n:
