@@ -255,7 +255,9 @@ def _ranked_section(report: "AttributionReport", order: list) -> str:
         for rank, (task, v) in enumerate(report.ranked(t, dm), 1):
             k = report.task_index(task)
             width = 0 if not math.isfinite(v) else round(60 * (abs(v) / vmax))
-            bar = f'<span class="bar" style="width:{width}px;background:{diverging_color(v, vmax)}"></span>'
+            # withheld: the scores are an order, not sizes, so no bar suggests one
+            bar = "" if report.withheld else \
+                f'<span class="bar" style="width:{width}px;background:{diverging_color(v, vmax)}"></span>'
             cells = [str(rank), e(task)] + [_num(report.scores[m][k, t], "+.3g") for m in methods]
             if iv is not None:
                 lo, hi = iv[:, k, t]
