@@ -303,8 +303,9 @@ class _LazyReadout:
         except (NotImplementedError, RuntimeError) as exc:  # an op without forward-mode AD
             warnings.warn(f"exact readout off for this harvest: the model's forward pass has no forward-mode "
                           f"derivative ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); GradEx reads the "
-                          "target through the projection (e.g. attn_implementation='eager' for transformers "
-                          "models enables it)", stacklevel=2)
+                          "target through the projection (scaled-dot-product attention already runs on its math "
+                          "kernel for this pass; another op lacks forward-mode AD: replace it, or accept "
+                          "target_readout='projected')", stacklevel=2)
             self.enabled = False
             return {}
         return {"readout": readout, "readout_columns": self.builder.columns}
