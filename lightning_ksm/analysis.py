@@ -81,7 +81,9 @@ def _run_analysis(source, target, cfg, task_names, timings, extra_config, progre
         record_warnings, record_notes = run_record_notes(run, source.task_names, counts, cfg.calibrate, left_out)
     K = len(task_names)
     # 0. the self-check: which estimator follows the watched run on the all-tasks subset (one subset each)
+    start = time.perf_counter()
     used, check = self_check(source, target, cfg, run)
+    timings["self_check"] = time.perf_counter() - start  # its own stage: it runs estimators too
 
     # 1. subsets; unique when there are enough distinct subsets to draw from.
     unique = cfg.n_possible_subsets(K) >= 2 * cfg.n_subsets

@@ -77,6 +77,7 @@ def test_a_default_that_does_not_follow_the_run_gives_way_to_a_candidate_that_do
     assert report.fit_quality["estimator"] == ("proximal" if check["chosen"] == "proximal" else "simulate")
     # before: the regime warning and scores in loss units from the estimate it warned about
     assert not report.withheld and "ensemble" in report.scores and not report.warnings()
+    assert report.timings["self_check"] > 0  # timed as a stage of its own (benchmarks/callback_overhead.py)
     assert any(n.startswith("self-check: the default estimator (simulate)") for n in report.fit_quality["notes"])
 
 
