@@ -17,6 +17,8 @@ from lightning_ksm.cli import main
 from lightning_ksm.cli import analyze as analyze_cli
 from lightning_ksm.harvesting import HarvestRunner
 
+from test_store_reliability import _Dies  # a source killed at one sample (Ctrl-C, OOM killer)
+
 FAST = ["--n-subsets", "20", "--ensemble-samples", "200"]
 
 
@@ -33,21 +35,6 @@ def _partial_harvest(directory, world=2, source=None):
     runner.initialize_store()
     runner.run([("source", DataLoader(source or data, batch_size=8)), ("target", DataLoader(data, batch_size=8))])
     return directory
-
-
-class _Killed(torch.utils.data.Dataset):
-    """The source data of a run killed at sample ``at`` (Ctrl-C, OOM killer)."""
-
-    def __init__(self, base, at):
-        self.base, self.at = base, at
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        if i == self.at:
-            raise KeyboardInterrupt("killed")
-        return self.base[i]
 
 
 def test_a_partial_harvest_exits_non_zero_unless_asked_for(tmp_path, capsys):
@@ -73,7 +60,7 @@ def test_a_killed_harvest_exits_3_as_documented(tmp_path, capsys):
     ksm = tmp_path / "ksm"
     data = TensorDataset(torch.randn(40, 4), torch.randn(40), torch.arange(40) % 4)
     try:
-        _partial_harvest(ksm / "harvest", world=1, source=_Killed(data, at=20))
+        _partial_harvest(ksm / "harvest", world=1, source=_Dies(data, at=20))
     except KeyboardInterrupt:
         pass
     assert main(["analyze", str(ksm), *FAST]) == analyze_cli.EXIT_INCOMPLETE == 3
