@@ -109,6 +109,7 @@ def test_when_no_estimator_follows_the_magnitudes_are_withheld_and_the_warning_c
     assert html.index("NO ESTIMATOR FOLLOWS") < html.index("Ranked tasks") < html.index("MAGNITUDES WITHHELD")
     assert "Tasks that help" not in html and "ksm-grad-scores" not in html
     assert 'class="bar"' not in html  # an order has no sizes: no bars that suggest some
+    assert "None (all tasks None)" not in html and "out of range" not in html  # withheld, not broken or absurd
     saved = json.loads((out / "report.json").read_text())
     assert saved["fit_quality"]["withheld"]["reason"].startswith("NO ESTIMATOR")
     assert all(e["predicted_loss"] is None for e in saved["best_subsets"])

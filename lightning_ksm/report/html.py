@@ -283,10 +283,11 @@ def _subset_table(report: "AttributionReport", entries: list) -> str:
         p = entry.get("p_better_than_all")
         row = [e(entry["target"]), str(len(entry["tasks"])), _tasks_html(entry["tasks"]),
                (_num(pl) if pl is not None else "<em>withheld</em>") + " " + _iv(entry.get("predicted_interval"))]
+        hidden = "<em>withheld</em>" if report.withheld else None  # no loss in loss units (the warning says why)
         if gradex:
-            row.append(_num(entry.get("gradex_loss")) + (f" (all tasks {_num(entry.get('full_set_gradex_loss'))})"
-                                                         if "full_set_gradex_loss" in entry else ""))
-        row += [_num(fl) if fl is not None else "<em>out of range</em>", gain,
+            row.append(hidden or _num(entry.get("gradex_loss")) + (
+                f" (all tasks {_num(entry.get('full_set_gradex_loss'))})" if "full_set_gradex_loss" in entry else ""))
+        row += [_num(fl) if fl is not None else (hidden or "<em>out of range</em>"), gain,
                 "" if p is None else f"{p:.0%}",
                 "" if exact is None else ("exhaustive" if exact else "heuristic")]
         if "left_support" in entry:
